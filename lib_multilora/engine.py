@@ -1,0 +1,157 @@
+"""The delta engine: "LoRA k on rows [a, b)" added to a layer's output through a forward hook.
+
+The webui merges LoRAs into weights; changing which LoRA is active re-merges every touched layer. Here the composed
+LoRAs stay out of the weights and each hooked layer adds ``delta_k(x[a:b])`` to its output rows instead, so
+switching LoRAs between calls costs nothing. Works on plain torch modules; the host glue only builds the deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One row group: LoRA ``k`` applies to rows ``start:stop`` (``None`` = to the end) of every hooked layer's batch.
+Group = tuple[int, int, int | None]
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor, cache: dict) -> torch.Tensor | None:
+    """``t`` on ``like``'s device and dtype, converted once per (device, dtype) since modules can move (medvram)."""
+    if t is None:
+        return None
+    key = (id(t), like.device, like.dtype)
+    out = cache.get(key)
+    if out is None:
+        out = cache[key] = t.to(device=like.device, dtype=like.dtype)
+    return out
+
+
+def _match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Inpainting UNets feed 9 channels to a conv whose LoRA was trained on 4: the merged path zero-pads the delta,
+    which equals applying the delta to the first channels only."""
+    return x[:, :in_channels] if x.dim() == 4 and x.shape[1] > in_channels else x
+
+
+@dataclass
+class LowRankDelta:
+    """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out."""
+
+    down: torch.Tensor  # [r, d_in] or [r, c_in, kh, kw]
+    up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]
+    scale: float
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        down, up = _cast(self.down, x, self._cache), _cast(self.up, x, self._cache)
+        if down.dim() == 4:
+            h = F.conv2d(_match_channels(x, down.shape[1]), down, None, module.stride, module.padding, module.dilation)
+            return F.conv2d(h, up) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
+
+
+@dataclass
+class DenseDelta:
+    """A dense weight delta (LyCORIS types, DoRA, CP-LoCon) applied with the module's own op.
+
+    ``compute(module)`` returns ``(d_weight, d_bias)``; it runs on first use so that weight-dependent deltas (DoRA)
+    see the weights the layer actually runs with in this pass, then the result is cached.
+    """
+
+    compute: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
+    _delta: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._delta is None:
+            with torch.no_grad():
+                self._delta = self.compute(module)
+        w, b = (_cast(t, x, self._cache) for t in self._delta)
+        if isinstance(module, nn.Conv2d):
+            if w.shape != module.weight.shape and w.shape[1] == module.weight.shape[1]:
+                w = torch.broadcast_to(w, module.weight.shape)  # a 1x1 delta on a kxk conv: the merge broadcasts it
+            x = _match_channels(x, w.shape[1] * module.groups)
+            return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, w.reshape(module.weight.shape), b)
+        if isinstance(module, nn.GroupNorm):
+            return _norm_delta(F.group_norm(x, module.num_groups, None, None, module.eps), w, b, x.dim() - 2)
+        if isinstance(module, nn.LayerNorm):
+            return _norm_delta(F.layer_norm(x, module.normalized_shape, None, None, module.eps), w, b, 0)
+        raise TypeError(f"no delta op for {type(module).__name__}")
+
+
+def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, spatial: int) -> torch.Tensor:
+    """``norm(x)*(w+dw) + (b+db) - (norm(x)*w + b) = norm(x)*dw + db``, broadcast over the channel dim."""
+    shape = (-1,) + (1,) * spatial
+    out = torch.zeros_like(normed)
+    if w is not None:
+        out = out + normed * w.reshape(shape)
+    if b is not None:
+        out = out + b.reshape(shape)
+    return out
+
+
+Delta = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class HookEngine:
+    """Owns the forward hooks of one sampling pass and which row groups each LoRA applies to right now.
+
+    ``add`` collects deltas, ``install`` hooks only the layers some delta touches, ``active(groups)`` selects
+    LoRAs for the calls made inside it, ``remove`` takes every hook away (idempotent).
+    """
+
+    def __init__(self) -> None:
+        self.deltas: dict[nn.Module, dict[int, Delta]] = {}
+        self.groups: tuple[Group, ...] = ()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, module: nn.Module, k: int, delta: Delta) -> None:
+        per_module = self.deltas.setdefault(module, {})
+        if k in per_module:
+            raise ValueError(f"LoRA {k} already has a delta on {type(module).__name__}")
+        per_module[k] = delta
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        self._handles = [m.register_forward_hook(self._hook) for m in self.deltas]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.groups = ()
+
+    @contextmanager
+    def active(self, groups: Sequence[Group]) -> Iterator[None]:
+        """Apply LoRA k to rows [start, stop) of every hooked layer for the calls made inside this block."""
+        previous, self.groups = self.groups, tuple(groups)
+        try:
+            yield
+        finally:
+            self.groups = previous
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        groups = self.groups
+        if not groups:
+            return None
+        deltas = self.deltas[module]
+        x = args[0]
+        if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
+            delta = deltas.get(groups[0][0])
+            return None if delta is None else output + delta(module, x)
+        out = output.clone()
+        for k, start, stop in groups:
+            delta = deltas.get(k)
+            if delta is not None:
+                out[start:stop] += delta(module, x[start:stop])
+        return out

@@ -1,0 +1,59 @@
+"""The ``<multilora:...>`` prompt tag: a panel-free way to choose the method, parsed without touching the host.
+
+Grammar (items are what the webui splits on ``:``; ``key=value`` items are named)::
+
+    <multilora:switch>            Switch, the panel's (or default) interval
+    <multilora:switch:5>          Switch every 5 steps          (same as tau=5)
+    <multilora:composite>         Composite
+    <multilora:off>               disable for this prompt
+    <multilora:composite:loras=charA,styleC>   compose only these; other <lora> tags stay merged
+
+Tags win over the panel. A malformed tag is ignored with a warning; it never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .args import METHODS, ArgsError, MultiLoraArgs, canonical_method, to_int
+
+TAG_NAME = "multilora"
+
+
+def apply_tags(base: MultiLoraArgs, tags: list[list[str]]) -> tuple[MultiLoraArgs, list[str]]:
+    """Apply each tag's items (in prompt order, later tags win) to ``base``; return the result and warnings."""
+    args, warnings = base, []
+    for items in tags:
+        try:
+            args = _apply_one(args, items)
+        except ArgsError as e:
+            warnings.append(f"ignored <{TAG_NAME}:{':'.join(items)}>: {e}")
+    return args, warnings
+
+
+def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
+    positional = [i.strip() for i in items if "=" not in i]
+    named = dict(i.split("=", 1) for i in items if "=" in i)
+    if not positional or not positional[0]:
+        raise ArgsError(f"expected a method ({', '.join(m.lower() for m in METHODS)} or off)")
+    if len(positional) > 2:
+        raise ArgsError("too many items; expected <multilora:METHOD[:TAU]>")
+    first = positional[0].lower()
+    if first == "off":
+        if len(positional) > 1 or named:
+            raise ArgsError("<multilora:off> takes no arguments")
+        return replace(args, enabled=False)
+    method = canonical_method(first)
+    if method not in METHODS:
+        raise ArgsError(f"unknown method {positional[0]!r}")
+    unknown = set(named) - {"tau", "loras"}
+    if unknown:
+        raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: tau, loras")
+    tau_text = named.get("tau", positional[1] if len(positional) > 1 else None)
+    if tau_text is not None and method != "Switch":
+        raise ArgsError("an interval only applies to switch")
+    tau = args.tau if tau_text is None else to_int(tau_text, "tau")
+    if tau < 1:
+        raise ArgsError(f"tau must be at least 1, got {tau}")
+    loras = named.get("loras", args.loras)
+    return replace(args, enabled=True, method=method, tau=tau, loras=loras)

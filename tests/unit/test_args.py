@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from lib_multilora.args import ArgsError, MultiLoraArgs, field_names
+
+
+def test_defaults_are_off_switch_every_5() -> None:
+    a = MultiLoraArgs()
+    assert (a.enabled, a.method, a.tau, a.loras) == (False, "Switch", 5, "")
+    assert a.problems() == []
+
+
+def test_positional_args_follow_field_order() -> None:
+    assert field_names()[:4] == ["enabled", "method", "tau", "loras"]
+    a = MultiLoraArgs.from_script_args((True, "Composite", 3, "A, B"))
+    assert a == MultiLoraArgs(True, "Composite", 3, "A, B")
+    assert a.lora_names == ["A", "B"]
+
+
+def test_dict_args_and_case_insensitive_method() -> None:
+    a = MultiLoraArgs.from_script_args(({"enabled": True, "method": "composite"},))
+    assert a.method == "Composite" and a.enabled and a.tau == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ({"enabled": True, "bogus": 1},),
+        (True, "Switch", "abc"),
+        (True, "Switch", 2.5),
+        (True, 3),
+        ("yes",),
+        (True, "Switch", 5, "", "extra", "more", "args", "too", "many"),
+    ],
+)
+def test_bad_script_args_raise_clear_errors(args: tuple) -> None:
+    with pytest.raises(ArgsError):
+        MultiLoraArgs.from_script_args(args)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (MultiLoraArgs(True, "Blend", 5), "unknown method"),
+        (MultiLoraArgs(True, "Switch", 0), "positive"),
+        (MultiLoraArgs(True, "Switch", -3), "positive"),
+    ],
+)
+def test_problems_name_what_is_wrong(args: MultiLoraArgs, fragment: str) -> None:
+    assert any(fragment in p for p in args.problems())
+
+
+def test_infotext_round_trip() -> None:
+    for a in (MultiLoraArgs(True, "Switch", 7, "A, B"), MultiLoraArgs(True, "Composite", 5, "A, B, C")):
+        info = a.infotext(a.lora_names)
+        # infotext values come back as strings after the webui parses them
+        back = MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()})
+        assert back == a
+    assert MultiLoraArgs.from_infotext({"Steps": "20"}) == MultiLoraArgs()
+
+
+def test_composite_infotext_has_no_tau() -> None:
+    info = MultiLoraArgs(True, "Composite", 5).infotext(["A", "B"])
+    assert info == {"Multi-LoRA method": "Composite", "Multi-LoRA LoRAs": "A, B"}

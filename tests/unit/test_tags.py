@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from lib_multilora.args import MultiLoraArgs
+from lib_multilora.tags import apply_tags
+
+BASE = MultiLoraArgs()
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["switch"], MultiLoraArgs(True, "Switch", 5)),
+        (["switch", "3"], MultiLoraArgs(True, "Switch", 3)),
+        (["Switch", "tau=2"], MultiLoraArgs(True, "Switch", 2)),
+        (["composite"], MultiLoraArgs(True, "Composite", 5)),
+        (["composite", "loras=A,B"], MultiLoraArgs(True, "Composite", 5, "A,B")),
+    ],
+)
+def test_valid_tags(items: list[str], expected: MultiLoraArgs) -> None:
+    assert apply_tags(BASE, [items]) == (expected, [])
+
+
+def test_tags_win_over_panel_and_later_tags_win() -> None:
+    panel = MultiLoraArgs(True, "Composite", 9, "X")
+    args, warnings = apply_tags(panel, [["switch"], ["switch", "4"]])
+    assert args == MultiLoraArgs(True, "Switch", 4, "X") and warnings == []
+    assert apply_tags(panel, [["off"]])[0].enabled is False
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[""], ["switch", "abc"], ["switch", "0"], ["switch", "-2"], ["blend"], ["composite", "3"], ["switch", "1", "2"],
+     ["switch", "foo=1"], ["off", "1"], ["switch", "1.5"]],
+)
+def test_malformed_tags_warn_and_leave_args_unchanged(items: list[str]) -> None:
+    panel = MultiLoraArgs(True, "Composite", 5)
+    args, warnings = apply_tags(panel, [items])
+    assert args == panel
+    assert len(warnings) == 1 and warnings[0].startswith("ignored <multilora:")
