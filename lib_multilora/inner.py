@@ -30,7 +30,8 @@ class MethodInner(nn.Module):
     """Stands in for the denoiser's inner model for one sampling pass.
 
     ``step`` returns the current sampling step (read from the host's counter on every call, so chunked calls and
-    second-order samplers stay on the right LoRA). ``on_call(step, active)`` is a test/preview probe.
+    second-order samplers stay on the right LoRA). ``observer(step, active, (args, kwargs), result)`` sees every
+    call after it ran: the trace the tests and the infotext read.
     """
 
     def __init__(
@@ -41,12 +42,13 @@ class MethodInner(nn.Module):
         n_loras: int,
         tau: int,
         step: Callable[[], int],
-        on_call: Callable[[int, list[int]], None] | None = None,
+        observer: Callable[[int, list[int], tuple[tuple, dict], torch.Tensor], None] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
-        self._engine, self._method, self._n, self._tau = engine, method, n_loras, tau
-        self._step, self._on_call = step, on_call
+        self.engine = engine
+        self._method, self._n, self._tau = method, n_loras, tau
+        self._step, self._observer = step, observer
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -62,10 +64,11 @@ class MethodInner(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_loras()
-        if self._on_call is not None:
-            self._on_call(self._step(), active)
         outputs = []
         for k in active:
-            with self._engine.active([(k, 0, None)]):
+            with self.engine.active([(k, 0, None)]):
                 outputs.append(self.inner(*args, **kwargs))
-        return outputs[0] if len(outputs) == 1 else composite_mean(outputs)
+        result = outputs[0] if len(outputs) == 1 else composite_mean(outputs)
+        if self._observer is not None:
+            self._observer(self._step(), active, (args, kwargs), result)
+        return result

@@ -45,13 +45,15 @@ def single(inner: Inner, eng: HookEngine, k: int, args: tuple, kwargs: dict) -> 
 
 def test_composite_is_mean_of_single_lora_outputs() -> None:
     inner, eng = setup(3)
-    calls: list[tuple[int, list[int]]] = []
-    wrapped = MethodInner(inner, eng, "Composite", 3, 5, step=lambda: 0, on_call=lambda s, a: calls.append((s, a)))
+    calls: list[tuple] = []
+    wrapped = MethodInner(
+        inner, eng, "Composite", 3, 5, step=lambda: 0, observer=lambda s, a, call, out: calls.append((s, a, out))
+    )
     args, kwargs = call_args()
     got = wrapped(*args, **kwargs)
     expected = torch.stack([single(inner, eng, k, args, kwargs) for k in range(3)]).mean(0)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    assert calls == [(0, [0, 1, 2])]
+    assert [c[:2] for c in calls] == [(0, [0, 1, 2])] and calls[0][2] is got
     assert eng.groups == ()
 
 

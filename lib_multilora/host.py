@@ -1,0 +1,242 @@
+"""Host glue for AUTOMATIC1111 webui 1.10.x: the only module that touches webui internals.
+
+One sampling pass = ``start_pass`` (called from ``process_before_every_sampling``) ... ``finish_pass``. Start takes
+the composed LoRAs out of the built-in ``networks.loaded_networks`` (in place, so it restores clean weights once and
+keeps the others merged), hooks the UNet layers they touch, and swaps the CFG denoiser's inner model for
+:class:`MethodInner`. Finish undoes all three. It runs when the sampler returns or raises (per-instance wrappers of
+the sampler's ``sample``/``sample_img2img``), and again, idempotently, from ``post_sample``, ``postprocess`` and
+``p.close`` so nothing can outlive a generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import networks  # the built-in Lora extension; its directory is on sys.path inside the webui
+import torch
+from torch import nn
+
+from .args import ArgsError, MultiLoraArgs
+from .engine import DenseDelta, HookEngine, LowRankDelta
+from .inner import MethodInner
+from .plan import select
+from .schedule import sampling_step
+from .tags import TAG_NAME, apply_tags
+
+log = logging.getLogger("multilora")
+
+SAMPLER_METHODS = ("sample", "sample_img2img")
+
+
+@dataclass
+class Pass:
+    """Everything one sampling pass changed, so that :func:`finish_pass` can put it back exactly."""
+
+    engine: HookEngine
+    original_networks: list[Any]
+    static_networks: list[Any]
+    denoiser: Any
+    original_inner: nn.Module
+    wrapper: MethodInner
+    sampler: Any
+    trace: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+def on_process(p: Any, script_args: tuple) -> None:
+    """Read the panel/API args once per generation; make cleanup unconditional via ``p.close``."""
+    finish_pass(p)
+    p.multilora_tags = []
+    try:
+        p.multilora_args = MultiLoraArgs.from_script_args(script_args)
+    except ArgsError as e:
+        p.multilora_args = MultiLoraArgs()
+        warn(p, f"bad script args: {e}; running without Multi-LoRA")
+    override = getattr(p, "multilora_override", None)  # set by X/Y/Z axes
+    if override:
+        p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
+    if "close" not in vars(p):
+        original_close = p.close
+
+        def close() -> None:
+            try:
+                finish_pass(p)
+            finally:
+                original_close()
+
+        p.close = close
+
+
+def warn(p: Any, message: str) -> None:
+    """Tell the user in the infotext and the console; never raise."""
+    text = f"Multi-LoRA: {message}"
+    log.warning(text)
+    print(text)
+    p.comment(text)
+    previous = p.extra_generation_params.get("Multi-LoRA warning")
+    p.extra_generation_params["Multi-LoRA warning"] = f"{previous}; {message}" if previous else message
+
+
+def start_pass(p: Any) -> None:
+    """Install the chosen method for the sampling pass about to run (first pass or hires pass)."""
+    finish_pass(p)
+    args = getattr(p, "multilora_args", None)
+    if args is None:
+        return
+    args, tag_warnings = apply_tags(args, getattr(p, "multilora_tags", []))
+    for w in tag_warnings:
+        warn(p, w)
+    if not args.enabled:
+        return
+    problems = args.problems()
+    if problems:
+        warn(p, "; ".join(problems) + "; running without Multi-LoRA")
+        return
+    loaded = list(networks.loaded_networks)
+    selection = select([(n.name, network_names(n)) for n in loaded], args.lora_names)
+    for w in selection.warnings:
+        warn(p, w)
+    if selection.error:
+        warn(p, selection.error + "; running without Multi-LoRA")
+        return
+    composed = [loaded[i] for i in selection.composed]
+    try:
+        if not hasattr(p.sd_model, "network_layer_mapping"):
+            networks.assign_network_names_to_compvis_modules(p.sd_model)
+        engine = build_engine(composed, p.sd_model.network_layer_mapping)
+    except Exception as e:  # a LoRA type we cannot express: plain behaviour, said out loud
+        warn(p, f"cannot apply {', '.join(n.name for n in composed)} per pass ({e}); running without Multi-LoRA")
+        return
+    untouched = [n.name for k, n in enumerate(composed) if not any(k in d for d in engine.deltas.values())]
+    if untouched:
+        warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
+    install(p, args, loaded, composed, engine)
+
+
+def network_names(net: Any) -> frozenset[str]:
+    """Every name a loaded LoRA answers to (lora-block-weight renames ``name``; users type aliases)."""
+    disk = getattr(net, "network_on_disk", None)
+    names = {net.name, getattr(net, "mentioned_name", None), getattr(disk, "name", None), getattr(disk, "alias", None)}
+    return frozenset(n for n in names if n)
+
+
+def build_engine(composed: list[Any], layer_mapping: dict[str, nn.Module]) -> HookEngine:
+    """Deltas for the UNet layers of each composed LoRA (LoRA k = index k). Text-encoder layers are left to the
+    webui: conditioning is computed with every LoRA before sampling starts."""
+    engine = HookEngine()
+    for k, net in enumerate(composed):
+        for net_module in net.modules.values():
+            if not net_module.sd_key.startswith("diffusion_model"):
+                continue
+            module = layer_mapping.get(net_module.sd_key)
+            if module is not None:
+                engine.add(module, k, make_delta(net_module, module))
+    return engine
+
+
+def make_delta(net_module: Any, module: nn.Module) -> LowRankDelta | DenseDelta:
+    """Low-rank path for plain LoRA on Linear/Conv2d; the built-in's own dense ``calc_updown`` for the rest."""
+    down_model, up_model = getattr(net_module, "down_model", None), getattr(net_module, "up_model", None)
+    plain = (
+        down_model is not None
+        and up_model is not None
+        and getattr(net_module, "mid_model", None) is None
+        and net_module.dora_scale is None
+        and net_module.bias is None
+    )
+    if plain and isinstance(module, nn.Linear) and down_model.weight.dim() == 2:
+        return LowRankDelta(*_low_rank(net_module))
+    if plain and isinstance(module, nn.Conv2d) and tuple(down_model.weight.shape[2:]) == tuple(module.kernel_size):
+        return LowRankDelta(*_low_rank(net_module))
+
+    def compute(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return net_module.calc_updown(m.weight)
+
+    return DenseDelta(compute)
+
+
+def _low_rank(net_module: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    down, up = net_module.down_model.weight.detach(), net_module.up_model.weight.detach()
+    dyn = net_module.network.dyn_dim
+    if isinstance(dyn, int):
+        down, up = down[:dyn], up[:, :dyn]
+    return down, up, float(net_module.multiplier() * net_module.calc_scale())
+
+
+def install(p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any], engine: HookEngine) -> None:
+    static = [n for n in loaded if all(n is not c for c in composed)]
+    denoiser = p.sampler.model_wrap_cfg
+    original_inner = denoiser.inner_model
+    trace: list[tuple[int, list[int]]] = []
+    observer = getattr(p, "multilora_observer", None)
+
+    def observe(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
+        trace.append((step, active))
+        if observer is not None:
+            observer(step, active, call, result)
+
+    wrapper = MethodInner(
+        original_inner,
+        engine,
+        args.method,
+        len(composed),
+        args.tau,
+        step=lambda: sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
+        observer=observe,
+    )
+    p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, trace)
+    p.multilora_traces = [*getattr(p, "multilora_traces", []), trace]
+    p.extra_generation_params.update(args.infotext([n.name for n in composed]))
+    networks.loaded_networks[:] = static
+    denoiser.model_wrap = wrapper
+    engine.install()
+    for name in SAMPLER_METHODS:
+        original = getattr(p.sampler, name)
+
+        def run_then_finish(*a: Any, _original: Any = original, **kw: Any) -> Any:
+            try:
+                return _original(*a, **kw)
+            finally:
+                finish_pass(p)
+
+        setattr(p.sampler, name, run_then_finish)
+
+
+def finish_pass(p: Any) -> None:
+    """Undo :func:`install`; safe to call any number of times, from any callback, after any failure."""
+    state: Pass | None = vars(p).pop("multilora_pass", None)
+    if state is None:
+        return
+    state.engine.remove()
+    for name in SAMPLER_METHODS:
+        vars(state.sampler).pop(name, None)
+    if state.denoiser._modules.get("model_wrap") is state.wrapper:
+        state.denoiser.model_wrap = state.original_inner
+    current, static = networks.loaded_networks, state.static_networks
+    # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner).
+    if len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
+        current[:] = state.original_networks
+
+
+def tag_network() -> Any:
+    """The ``<multilora:...>`` extra network: the webui strips the tag and hands us its items per batch."""
+    from modules import extra_networks
+
+    class ExtraNetworkMultiLora(extra_networks.ExtraNetwork):
+        def __init__(self) -> None:
+            super().__init__(TAG_NAME)
+
+        def activate(self, p: Any, params_list: list[Any]) -> None:
+            p.multilora_tags = [list(map(str, params.items)) for params in params_list]
+
+        def deactivate(self, p: Any) -> None:
+            pass
+
+    return ExtraNetworkMultiLora()
+
+
+def register_tag_network() -> None:
+    from modules import extra_networks
+
+    extra_networks.register_extra_network(tag_network())

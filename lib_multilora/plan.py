@@ -1,0 +1,47 @@
+"""Which loaded LoRAs a pass composes, decided from names only (no host objects), so every rule is unit-tested."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Selection:
+    """Indices into the loaded-LoRA list: ``composed`` run one at a time, the rest stay merged as the webui does."""
+
+    composed: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Selection:
+    """Choose the composed LoRAs among ``loaded`` (display name, every name it answers to), in prompt order.
+
+    ``requested`` empty means every loaded LoRA. A requested name that matches nothing is an error (the image would
+    silently be wrong otherwise); the same LoRA loaded twice is composed once.
+    """
+    out = Selection()
+    if not loaded:
+        out.error = "no <lora:...> tags in the prompt: nothing to compose"
+        return out
+    seen: set[str] = set()
+    wanted = {n.lower() for n in requested}
+    matched: set[str] = set()
+    for i, (name, aliases) in enumerate(loaded):
+        lowered = {a.lower() for a in aliases} | {name.lower()}
+        if wanted and not (lowered & wanted):
+            continue
+        matched |= lowered & wanted
+        if name.lower() in seen:
+            out.warnings.append(f"{name} appears twice in the prompt: composed once")
+            continue
+        seen.add(name.lower())
+        out.composed.append(i)
+    missing = [n for n in requested if n.lower() not in matched]
+    if missing:
+        out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(missing)}"
+        out.composed = []
+        return out
+    if len(out.composed) == 1:
+        out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}): same result as plain <lora>")
+    return out

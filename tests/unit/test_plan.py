@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from lib_multilora.plan import select
+
+
+def net(name: str, *aliases: str) -> tuple[str, frozenset[str]]:
+    return name, frozenset({name, *aliases})
+
+
+def test_empty_request_composes_every_lora_in_prompt_order() -> None:
+    s = select([net("A"), net("B"), net("C")], [])
+    assert (s.composed, s.warnings, s.error) == ([0, 1, 2], [], None)
+
+
+def test_request_subset_by_name_or_alias_case_insensitive() -> None:
+    s = select([net("A", "charA_v2"), net("B"), net("C")], ["chara_V2", "c"])
+    assert s.composed == [0, 2] and s.error is None
+
+
+def test_missing_requested_name_is_an_error_and_composes_nothing() -> None:
+    s = select([net("A"), net("B")], ["A", "Z"])
+    assert s.composed == [] and "Z" in s.error
+
+
+def test_zero_loras_is_an_error() -> None:
+    assert "no <lora" in select([], []).error
+
+
+def test_one_lora_runs_with_a_warning() -> None:
+    s = select([net("A"), net("B")], ["B"])
+    assert s.composed == [1] and s.error is None and "only one LoRA" in s.warnings[0]
+
+
+def test_same_lora_twice_is_composed_once() -> None:
+    s = select([net("A"), net("A"), net("B")], [])
+    assert s.composed == [0, 2] and "twice" in s.warnings[0]
