@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import networks  # the built-in Lora extension; its directory is on sys.path inside the webui
 import torch
 from torch import nn
 
@@ -23,11 +22,18 @@ from .engine import DenseDelta, HookEngine, LowRankDelta
 from .inner import MethodInner
 from .plan import select
 from .schedule import sampling_step
-from .tags import TAG_NAME, apply_tags
+from .tags import TAG_NAME, apply_tags, strip_malformed
 
 log = logging.getLogger("multilora")
 
 SAMPLER_METHODS = ("sample", "sample_img2img")
+
+
+def builtin_networks() -> Any:
+    """The built-in Lora extension's ``networks`` module, imported late: extension load order is not guaranteed."""
+    import networks
+
+    return networks
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Pass:
     original_inner: nn.Module
     wrapper: MethodInner
     sampler: Any
+    unet: nn.Module
     trace: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
@@ -53,6 +60,13 @@ def on_process(p: Any, script_args: tuple) -> None:
     except ArgsError as e:
         p.multilora_args = MultiLoraArgs()
         warn(p, f"bad script args: {e}; running without Multi-LoRA")
+    for attr in ("all_prompts", "all_hr_prompts"):
+        prompts = getattr(p, attr, None)
+        if prompts:
+            cleaned = [strip_malformed(prompt) for prompt in prompts]
+            setattr(p, attr, [c[0] for c in cleaned])
+            for message in dict.fromkeys(w for c in cleaned for w in c[1]):
+                warn(p, message)
     override = getattr(p, "multilora_override", None)  # set by X/Y/Z axes
     if override:
         p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
@@ -72,7 +86,6 @@ def warn(p: Any, message: str) -> None:
     """Tell the user in the infotext and the console; never raise."""
     text = f"Multi-LoRA: {message}"
     log.warning(text)
-    print(text)
     p.comment(text)
     previous = p.extra_generation_params.get("Multi-LoRA warning")
     p.extra_generation_params["Multi-LoRA warning"] = f"{previous}; {message}" if previous else message
@@ -93,6 +106,7 @@ def start_pass(p: Any) -> None:
     if problems:
         warn(p, "; ".join(problems) + "; running without Multi-LoRA")
         return
+    networks = builtin_networks()
     loaded = list(networks.loaded_networks)
     selection = select([(n.name, network_names(n)) for n in loaded], args.lora_names)
     for w in selection.warnings:
@@ -185,10 +199,11 @@ def install(p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any],
         step=lambda: sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
         observer=observe,
     )
-    p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, trace)
-    p.multilora_traces = [*getattr(p, "multilora_traces", []), trace]
+    p.multilora_pass = Pass(
+        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, unet=p.sd_model.model, trace=trace
+    )
     p.extra_generation_params.update(args.infotext([n.name for n in composed]))
-    networks.loaded_networks[:] = static
+    builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper
     engine.install()
     for name in SAMPLER_METHODS:
@@ -213,10 +228,21 @@ def finish_pass(p: Any) -> None:
         vars(state.sampler).pop(name, None)
     if state.denoiser._modules.get("model_wrap") is state.wrapper:
         state.denoiser.model_wrap = state.original_inner
+    networks = builtin_networks()
     current, static = networks.loaded_networks, state.static_networks
     # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner).
     if len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
         current[:] = state.original_networks
+        remerge(networks, state.unet)
+
+
+def remerge(networks: Any, unet: nn.Module) -> None:
+    """Merge the restored list into the layers the pass ran unmerged, as a plain generation leaves them; the
+    built-in skips every layer already in that state, so this costs one merge of the composed layers only."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if hasattr(module, "network_current_names"):
+                networks.network_apply_weights(module)
 
 
 def tag_network() -> Any:

@@ -13,11 +13,31 @@ Tags win over the panel. A malformed tag is ignored with a warning; it never rai
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from .args import METHODS, ArgsError, MultiLoraArgs, canonical_method, to_int
 
 TAG_NAME = "multilora"
+
+_TAG_START = re.compile(rf"<{TAG_NAME}\b", re.IGNORECASE)
+_WELL_FORMED = re.compile(rf"<{TAG_NAME}:[^<>]+>", re.IGNORECASE)
+_FRAGMENT = re.compile(rf"<{TAG_NAME}[^<>]*>?", re.IGNORECASE)
+
+
+def strip_malformed(prompt: str) -> tuple[str, list[str]]:
+    """Remove ``<multilora...`` fragments the webui would not recognise as a tag (``<multilora:>``, a missing ``>``)
+    and would otherwise feed to the text encoder as words; return the prompt and one warning per fragment."""
+    out, warnings, pos = [], [], 0
+    for start in _TAG_START.finditer(prompt):
+        if start.start() < pos or _WELL_FORMED.match(prompt, start.start()):
+            continue
+        fragment = _FRAGMENT.match(prompt, start.start())
+        out.append(prompt[pos : fragment.start()])
+        warnings.append(f"removed malformed tag {fragment.group(0)!r} from the prompt")
+        pos = fragment.end()
+    out.append(prompt[pos:])
+    return "".join(out), warnings
 
 
 def apply_tags(base: MultiLoraArgs, tags: list[list[str]]) -> tuple[MultiLoraArgs, list[str]]:

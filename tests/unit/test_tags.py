@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lib_multilora.args import MultiLoraArgs
-from lib_multilora.tags import apply_tags
+from lib_multilora.tags import apply_tags, strip_malformed
 
 BASE = MultiLoraArgs()
 
@@ -39,3 +39,19 @@ def test_malformed_tags_warn_and_leave_args_unchanged(items: list[str]) -> None:
     args, warnings = apply_tags(panel, [items])
     assert args == panel
     assert len(warnings) == 1 and warnings[0].startswith("ignored <multilora:")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected", "n_warnings"),
+    [
+        ("a cat <multilora:switch:5>", "a cat <multilora:switch:5>", 0),
+        ("a cat <multilora:> x", "a cat  x", 1),
+        ("a cat <multilora> x", "a cat  x", 1),
+        ("a cat <multilora:switch <lora:A:1>", "a cat <lora:A:1>", 1),
+        ("<MultiLora:> <multilora:composite>", " <multilora:composite>", 1),
+        ("a cat <lora:A:1>", "a cat <lora:A:1>", 0),
+    ],
+)
+def test_strip_malformed(prompt: str, expected: str, n_warnings: int) -> None:
+    out, warnings = strip_malformed(prompt)
+    assert out == expected and len(warnings) == n_warnings

@@ -1,0 +1,141 @@
+"""Fixtures for the real-webui tier: one API-only webui per session, with a tiny random SD1 model and test LoRAs.
+
+Everything here is skipped unless ``SD_WEBUI_DIR`` names a webui 1.10.x checkout; see README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .server import SKIP_REASON, WebuiClient, WebuiServer, tracebacks, webui_dir_from_env
+
+if TYPE_CHECKING:
+    from .tiny_lora import LoraInfo
+
+HERE = Path(__file__).resolve().parent
+_SERVER: pytest.StashKey[WebuiServer] = pytest.StashKey()
+
+
+def _in_tier(item: pytest.Item) -> bool:
+    return HERE in Path(str(item.path)).resolve().parents
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without SD_WEBUI_DIR, skip every test of this tier with one clear reason."""
+    if webui_dir_from_env() is not None:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if _in_tier(item):
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Attach the tail of the webui's log to failing tests of this tier: the cause is usually only in there."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and _in_tier(item):
+        server = item.config.stash.get(_SERVER, None)
+        if server is not None:
+            report.sections.append(("webui server log (tail)", server.log_tail()))
+
+
+@dataclass(frozen=True)
+class WebuiAssets:
+    """Files generated for the session: the tiny checkpoint (with .yaml and tiny-clip/) and the LoRA dir."""
+
+    data_dir: Path
+    ckpt: Path
+    lora_dir: Path
+    loras: dict[str, LoraInfo]
+
+
+@pytest.fixture(scope="session")
+def webui_dir() -> Path:
+    """The webui checkout under test (``$SD_WEBUI_DIR``)."""
+    path = webui_dir_from_env()
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def webui_assets(webui_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> WebuiAssets:
+    """Build the tiny model and LoRAs inside a fresh webui data dir (models/Stable-diffusion, models/Lora)."""
+    from .tiny_lora import build_loras
+    from .tiny_model import build_tiny_sd1
+
+    data_dir = tmp_path_factory.mktemp("webui-data")
+    ckpt = build_tiny_sd1(data_dir / "models" / "Stable-diffusion", seed=0, webui_dir=webui_dir)
+    lora_dir = data_dir / "models" / "Lora"
+    loras = build_loras(lora_dir, ckpt, seed=0, webui_dir=webui_dir)
+    return WebuiAssets(data_dir=data_dir, ckpt=ckpt, lora_dir=lora_dir, loras=loras)
+
+
+@pytest.fixture(scope="session")
+def lora_infos(webui_assets: WebuiAssets) -> dict[str, LoraInfo]:
+    """name -> LoraInfo (path, kind, expected UNet/TE module counts) for mlA, mlB, mlC, mlLocon, mlLoha."""
+    return webui_assets.loras
+
+
+@pytest.fixture(scope="session")
+def webui_server(webui_dir: Path, webui_assets: WebuiAssets, pytestconfig: pytest.Config) -> Iterator[WebuiServer]:
+    """The running webui (started once per session, stopped by its own PID at the end)."""
+    pytest.importorskip("requests")
+    server = WebuiServer(
+        webui_dir=webui_dir, data_dir=webui_assets.data_dir, ckpt=webui_assets.ckpt, lora_dir=webui_assets.lora_dir
+    )
+    pytestconfig.stash[_SERVER] = server
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def webui_without_extension(
+    webui_dir: Path, webui_assets: WebuiAssets, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebuiClient]:
+    """A second webui on the same checkpoint and LoRAs with only the probe installed: the "extension absent"
+    reference. Started on first use only."""
+    server = WebuiServer(
+        webui_dir=webui_dir,
+        data_dir=tmp_path_factory.mktemp("webui-data-plain"),
+        ckpt=webui_assets.ckpt,
+        lora_dir=webui_assets.lora_dir,
+        with_extension=False,
+    )
+    server.start()
+    try:
+        server.wait_ready()
+        client = WebuiClient(server)
+        yield client
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def webui(webui_server: WebuiServer) -> Iterator[WebuiClient]:
+    """HTTP client: txt2img/img2img (-> Result), get/post (-> JSON), probe helpers, log_text(), base_url."""
+    client = WebuiClient(webui_server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def no_tracebacks(webui: WebuiClient) -> Iterator[None]:
+    """Fail the test if the webui logged a Traceback while it ran (the API often hides errors in the log)."""
+    mark = webui.log_mark()
+    yield
+    found = tracebacks(webui.log_text(mark))
+    if found:
+        pytest.fail("webui logged a Traceback during the test:\n" + "\n".join(found)[:6000])

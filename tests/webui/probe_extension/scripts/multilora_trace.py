@@ -1,0 +1,79 @@
+"""Test-only probe: records what Multi-LoRA ran at each denoiser call and fingerprints the model state.
+
+Loaded by the real-webui tier only (linked into the test data dir's extensions). Endpoints:
+- ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices and, for Composite,
+  how far the returned output is from the mean of freshly recomputed single-LoRA outputs.
+- ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, the number of forward
+  hooks on them, and the built-in's loaded networks: equal before and after a generation means no trace was left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from modules import script_callbacks, scripts, shared
+
+LAST: dict[str, Any] = {"calls": []}
+
+
+class MultiLoraTraceProbe(scripts.Script):
+    def title(self) -> str:
+        return "multilora trace probe"
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def process(self, p: Any, *args: Any) -> None:
+        calls: list[dict[str, Any]] = []
+        LAST["calls"] = calls
+
+        def observer(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
+            entry: dict[str, Any] = {"step": step, "active": list(active)}
+            if len(active) > 1:
+                wrapper = p.multilora_pass.wrapper
+                a, kw = call
+                singles = []
+                for k in active:
+                    with wrapper.engine.active([(k, 0, None)]):
+                        singles.append(wrapper.inner(*a, **kw).float())
+                mean = torch.stack(singles).mean(0)
+                entry["diff_vs_mean"] = (mean - result.float()).abs().max().item()
+                entry["spread"] = (singles[0] - singles[-1]).abs().max().item()
+            calls.append(entry)
+
+        p.multilora_observer = observer
+
+
+def fingerprint() -> dict[str, Any]:
+    import networks
+
+    model = shared.sd_model
+    digest = hashlib.sha256()
+    hooks = 0
+    for root in (model.model, model.cond_stage_model):
+        for name, module in root.named_modules():
+            hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            for pname, param in module.named_parameters(recurse=False):
+                digest.update(f"{name}.{pname}".encode())
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+    return {
+        "weights": digest.hexdigest(),
+        "hooks": hooks,
+        "networks": [[n.name, n.te_multiplier, n.unet_multiplier] for n in networks.loaded_networks],
+        "inner_model": type(getattr(model, "model", None)).__name__,
+    }
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    @app.get("/multilora-probe/trace")
+    def trace() -> dict[str, Any]:
+        return LAST
+
+    @app.get("/multilora-probe/fingerprint")
+    def get_fingerprint() -> dict[str, Any]:
+        return fingerprint()
+
+
+script_callbacks.on_app_started(on_app_started)

@@ -1,0 +1,315 @@
+"""Deterministic random-weight SD1-architecture checkpoints for the real-webui test tier.
+
+The webui must load these exactly like a downloaded SD1 checkpoint, so the state dict keys are taken from the very
+classes the webui instantiates (ldm's ``UNetModel``/``Encoder``/``Decoder`` from the webui's
+``repositories/stable-diffusion-stability-ai`` and transformers' ``CLIPTextModel``), built on the ``meta`` device
+(shapes only, instant even for SD1.5 size) and then filled with seeded random values.  The ldm config written next to
+the checkpoint (``<name>.yaml``, which the webui prefers over its own guess) is derived from the webui's
+``configs/v1-inference.yaml``; its text encoder ``version`` points at a local folder holding a CLIP text config and
+real CLIP tokenizer files, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gzip
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_NAME = "tiny-sd1"
+SD15_NAME = "sd15-random"
+
+#: Shrunk UNet: SD1's block structure (4 levels, 2 res blocks, attention on the first 3 levels, depth 1) so that
+#: diffusers-style LoRA names convert exactly as they do for SD1, with small channels.  UNet GroupNorms use 32 groups,
+#: so every channel count (including skip concatenations) must be a multiple of 32.
+TINY_UNET: dict[str, Any] = {
+    "model_channels": 32,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4, 4],
+    "num_heads": 2,
+    "transformer_depth": 1,
+    "context_dim": 64,
+}
+
+#: Shrunk VAE: still 4 levels (downsamples by 8); ldm's VAE GroupNorm also uses 32 groups.
+TINY_VAE: dict[str, Any] = {"ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1}
+
+#: Tiny CLIP text encoder: real vocabulary size and context length (the webui's prompt chunking relies on both).
+TINY_CLIP: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 64,
+}
+
+#: CLIP ViT-L/14 text encoder, as used by SD1.x.
+CLIP_L: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+}
+
+SKIP_REASON = "SD_WEBUI_DIR is not set: real-webui tier skipped"
+
+
+def resolve_webui_dir(webui_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the webui checkout to take configs and ldm from (argument, else ``$SD_WEBUI_DIR``)."""
+    value = webui_dir if webui_dir is not None else os.environ.get("SD_WEBUI_DIR")
+    if not value:
+        raise RuntimeError(SKIP_REASON)
+    path = Path(value).resolve()
+    if not (path / "configs" / "v1-inference.yaml").is_file():
+        raise RuntimeError(f"{path} does not look like an AUTOMATIC1111 webui checkout (no configs/v1-inference.yaml)")
+    return path
+
+
+@contextlib.contextmanager
+def _ldm_on_path(webui_dir: Path) -> Iterator[None]:
+    """Make the webui's ldm importable; ldm prints chatter on import/instantiation, which is muted."""
+    repo = webui_dir / "repositories" / "stable-diffusion-stability-ai"
+    if not (repo / "ldm").is_dir():
+        raise RuntimeError(f"{repo} is missing: the webui's repositories/ must be populated")
+    added = str(repo) not in sys.path
+    if added:
+        sys.path.insert(0, str(repo))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if added:
+            sys.path.remove(str(repo))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLIP tokenizer files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _bpe_vocab_path() -> Path:
+    """open-clip-torch ships the CLIP BPE merges; it is a webui requirement, so it is always present with the webui."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open_clip (open-clip-torch) is not importable: it provides bpe_simple_vocab_16e6.txt.gz")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found")
+    return path
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """Write vocab.json/merges.txt/tokenizer configs equal to openai/clip-vit-large-patch14's tokenizer.
+
+    The vocabulary is built the way CLIP builds it: 256 byte symbols, the same with ``</w>``, one token per merge, then
+    the two special tokens (49408 in all); merges.txt is the BPE file's merge list under a ``#version`` header, which
+    is the line CLIPTokenizer skips.
+    """
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    with gzip.open(_bpe_vocab_path()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    if len(vocab) != 49408:
+        raise RuntimeError(f"unexpected CLIP vocabulary size {len(vocab)}")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    tokenizer_config = {
+        **special,
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+
+
+def write_clip_folder(folder: Path, clip: dict[str, Any]) -> Any:
+    """Write a local ``FrozenCLIPEmbedder(version=folder)`` source: text config + tokenizer; return the config."""
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **clip,
+    )
+    config.architectures = ["CLIPTextModel"]
+    config.save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config + state dict
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_v1_config(webui_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    with open(webui_dir / "configs" / "v1-inference.yaml", encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def make_config(
+    webui_dir: Path, clip_folder: Path, unet: dict[str, Any] | None = None, vae: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The webui's v1-inference config with optional UNet/VAE overrides and a local text encoder folder."""
+    config = copy.deepcopy(_load_v1_config(webui_dir))
+    params = config["model"]["params"]
+    params["unet_config"]["params"].update(unet or {})
+    params["first_stage_config"]["params"]["ddconfig"].update(vae or {})
+    params["cond_stage_config"]["params"] = {"version": str(clip_folder.resolve())}
+    return config
+
+
+def _shape_state_dict(webui_dir: Path, config: dict[str, Any], clip_config: Any) -> dict[str, torch.Tensor]:
+    """Instantiate the model parts on the meta device and return their state dicts under the ldm checkpoint prefixes."""
+    from transformers import CLIPTextModel
+
+    params = config["model"]["params"]
+    ddconfig = params["first_stage_config"]["params"]["ddconfig"]
+    embed_dim = params["first_stage_config"]["params"]["embed_dim"]
+    with _ldm_on_path(webui_dir), torch.device("meta"):
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        unet = UNetModel(**params["unet_config"]["params"])
+        vae = torch.nn.ModuleDict(
+            {
+                "encoder": Encoder(**ddconfig),
+                "decoder": Decoder(**ddconfig),
+                "quant_conv": torch.nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1),
+                "post_quant_conv": torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1),
+            }
+        )
+        text = CLIPTextModel(clip_config)
+
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, module in (
+        ("model.diffusion_model.", unet),
+        ("first_stage_model.", vae),
+        ("cond_stage_model.transformer.", text),
+    ):
+        for key, value in module.state_dict().items():
+            sd[prefix + key] = value
+    # Real SD1 checkpoints carry CLIP's position_ids whether or not this transformers version persists the buffer.
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.empty(1, 77, dtype=torch.int64)
+    return sd
+
+
+def _random_value(key: str, meta: torch.Tensor, seed: int) -> torch.Tensor:
+    """Seeded per-key values (adding a key never shifts the others); nothing is left at zero.
+
+    ldm zero-initialises the UNet's output layers, and zero LayerNorm biases make emphasised prompts produce NaNs,
+    so weights get fan-in scaled normals, norm scales 1 + noise and biases small noise.
+    """
+    if key.endswith("position_ids"):
+        return torch.arange(meta.shape[-1], dtype=torch.int64).reshape(meta.shape)
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()) * 7919 + seed)
+    shape = tuple(meta.shape)
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    if key.endswith("weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    return 0.05 * torch.randn(shape, generator=g)
+
+
+def random_state_dict(
+    webui_dir: Path, config: dict[str, Any], clip_config: Any, seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Full checkpoint state dict with deterministic random values."""
+    out: dict[str, torch.Tensor] = {}
+    for key, meta in _shape_state_dict(webui_dir, config, clip_config).items():
+        value = _random_value(key, meta, seed)
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def _write_checkpoint(
+    out_dir: Path, name: str, webui_dir: Path, config: dict[str, Any], clip_config: Any, seed: int, dtype: torch.dtype
+) -> Path:
+    import yaml
+    from safetensors.torch import save_file
+
+    sd = random_state_dict(webui_dir, config, clip_config, seed, dtype)
+    ckpt = out_dir / f"{name}.safetensors"
+    save_file(sd, str(ckpt), metadata={"format": "pt", "multilora_test_seed": str(seed)})
+    with open(out_dir / f"{name}.yaml", "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    return ckpt
+
+
+def build_tiny_sd1(dir: Path, seed: int = 0, webui_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``tiny-sd1.safetensors`` + ``tiny-sd1.yaml`` + ``tiny-clip/`` into ``dir``; return the checkpoint path.
+
+    Loads in a second on CPU and makes a 64x64 image in well under a second, yet has SD1's layer naming.
+    """
+    webui = resolve_webui_dir(webui_dir)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    clip_folder = dir / "tiny-clip"
+    clip_config = write_clip_folder(clip_folder, TINY_CLIP)
+    config = make_config(webui, clip_folder, TINY_UNET, TINY_VAE)
+    return _write_checkpoint(dir, TINY_NAME, webui, config, clip_config, seed, torch.float32)
+
+
+def build_sd15_random(dir: Path, seed: int = 0, webui_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write an SD1.5-size random model (fp16 on disk, ~2 GB) for benchmarks; never used by the tests."""
+    webui = resolve_webui_dir(webui_dir)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    clip_folder = dir / "clip-l"
+    clip_config = write_clip_folder(clip_folder, CLIP_L)
+    config = make_config(webui, clip_folder)
+    return _write_checkpoint(dir, SD15_NAME, webui, config, clip_config, seed, torch.float16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for building the benchmark model by hand: ``python tiny_model.py OUT_DIR [--sd15] [--seed N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--sd15", action="store_true", help="build the SD1.5-size model instead of the tiny one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--webui-dir", default=None, help="webui checkout (default: $SD_WEBUI_DIR)")
+    args = parser.parse_args(argv)
+    build = build_sd15_random if args.sd15 else build_tiny_sd1
+    print(build(args.out_dir, seed=args.seed, webui_dir=args.webui_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
