@@ -10,15 +10,21 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 METHODS = ("Switch", "Composite")
+TEXT_ENCODER_POLICIES = ("All", "First", "None")
+HIRES_MODES = ("Restart", "Continue", "Off")
+#: Composite: one UNet call per LoRA, one call on the batch replicated per LoRA, or batched on CUDA devices only.
+EXECUTIONS = ("Sequential", "Batched", "Auto")
 TAU_MIN, TAU_MAX = 1, 50
+#: What X/Y/Z cells and infotext call the extension being off: the webui's own merging of every LoRA.
+MERGE = "Merge"
 
 
 class ArgsError(ValueError):
     """Raised for script args that cannot be read (wrong type, count or key); the message is shown to the user."""
 
 
-def _label(text: str) -> dict[str, str]:
-    return {"label": text}
+def _label(text: str, choices: tuple[str, ...] = ()) -> dict[str, object]:
+    return {"label": text, "choices": choices}
 
 
 @dataclass(frozen=True)
@@ -26,9 +32,15 @@ class MultiLoraArgs:
     """What the user asked for, before it is checked against the LoRAs actually loaded."""
 
     enabled: bool = field(default=False, metadata=_label(""))
-    method: str = field(default="Switch", metadata=_label("Multi-LoRA method"))
+    method: str = field(default="Switch", metadata=_label("Multi-LoRA method", METHODS))
     tau: int = field(default=5, metadata=_label("Multi-LoRA switch every"))
     loras: str = field(default="", metadata=_label("Multi-LoRA LoRAs"))
+    execution: str = field(default="Sequential", metadata=_label("Multi-LoRA composite execution", EXECUTIONS))
+    # Text encoder: All = every <lora> (webui default, the paper's Composite); First = only the first composed LoRA
+    # (the paper's Switch); None = no composed LoRA. LoRAs not composed always keep their text-encoder part.
+    text_encoder: str = field(default="All", metadata=_label("Multi-LoRA text encoder", TEXT_ENCODER_POLICIES))
+    # Hires pass: Restart the schedule at its first step, Continue counting from the first pass, or Off (merged).
+    hires: str = field(default="Restart", metadata=_label("Multi-LoRA hires", HIRES_MODES))
 
     @property
     def lora_names(self) -> list[str]:
@@ -38,8 +50,10 @@ class MultiLoraArgs:
     def problems(self) -> list[str]:
         """Why these settings cannot run as asked; empty when they can."""
         out = []
-        if self.method not in METHODS:
-            out.append(f"unknown method {self.method!r} (expected one of {', '.join(METHODS)})")
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in choices:
+                out.append(f"unknown {f.name.replace('_', ' ')} {value!r} (expected one of {', '.join(choices)})")
         if self.method == "Switch" and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             out.append(f"switch interval must be a positive whole number of steps, got {self.tau!r}")
         return out
@@ -50,20 +64,21 @@ class MultiLoraArgs:
         if self.method == "Switch":
             out[label_of("tau")] = self.tau
         out[label_of("loras")] = ", ".join(composed)
+        if self.method == "Composite" and self.execution != MultiLoraArgs.execution:
+            out[label_of("execution")] = self.execution
+        for name in ("text_encoder", "hires"):
+            if getattr(self, name) != getattr(MultiLoraArgs, name):
+                out[label_of(name)] = getattr(self, name)
         return out
 
     @classmethod
     def from_infotext(cls, params: dict[str, Any]) -> MultiLoraArgs:
         """Read back what :meth:`infotext` wrote; absent method means the extension was off."""
         method = params.get(label_of("method"))
-        if method is None:
+        if method is None or str(method) == MERGE:
             return cls()
-        return cls(
-            enabled=True,
-            method=str(method),
-            tau=to_int(params.get(label_of("tau"), cls.tau), "tau"),
-            loras=str(params.get(label_of("loras"), "")),
-        )
+        present = {f.name: params[f.metadata["label"]] for f in fields(cls) if f.metadata["label"] in params}
+        return cls.from_dict({**present, "enabled": True, "method": str(method)})
 
     @classmethod
     def from_script_args(cls, args: tuple[Any, ...] | list[Any]) -> MultiLoraArgs:
@@ -119,11 +134,14 @@ def _coerce(name: str, value: Any) -> Any:
         return to_int(value, "tau")
     if not isinstance(value, str):
         raise ArgsError(f"{name} must be a string, got {value!r}")
-    if name == "method":
-        return canonical_method(value)
-    return value
+    choices = next(f.metadata["choices"] for f in fields(MultiLoraArgs) if f.name == name)
+    return canonical(value, choices) if choices else value
+
+
+def canonical(value: str, choices: tuple[str, ...]) -> str:
+    """``"composite"`` -> ``"Composite"``; unknown names pass through so :meth:`MultiLoraArgs.problems` reports them."""
+    return next((c for c in choices if c.lower() == value.strip().lower()), value)
 
 
 def canonical_method(value: str) -> str:
-    """``"composite"`` -> ``"Composite"``; unknown names pass through so :meth:`MultiLoraArgs.problems` reports them."""
-    return next((m for m in METHODS if m.lower() == value.strip().lower()), value)
+    return canonical(value, METHODS)

@@ -98,16 +98,56 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
 Delta = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
+class StackedLowRank:
+    """Every row group's plain LoRA on one Linear as two batched matmuls (batched Composite) instead of 2N small ones.
+
+    Slot ``g`` holds group ``g``'s LoRA (zeros where it has none on this layer), ranks zero-padded to the largest and
+    the scale folded into ``up``, so ``baddbmm`` adds all N deltas to the output in one go.
+    """
+
+    def __init__(self, deltas: Sequence[LowRankDelta | None]) -> None:
+        present = [d for d in deltas if d is not None]
+        rank = max(d.down.shape[0] for d in present)
+        d_in, d_out = present[0].down.shape[1], present[0].up.shape[0]
+        like = present[0].down
+        self.down = torch.zeros(len(deltas), d_in, rank, device=like.device, dtype=torch.float32)
+        self.up = torch.zeros(len(deltas), rank, d_out, device=like.device, dtype=torch.float32)
+        for g, d in enumerate(deltas):
+            if d is not None:
+                r = d.down.shape[0]
+                self.down[g, :, :r] = d.down.float().T
+                self.up[g, :r] = (d.up.float() * d.scale).T
+        self._cache: dict = {}
+
+    @classmethod
+    def build(cls, module: nn.Module, deltas: Sequence[Delta | None]) -> StackedLowRank | None:
+        """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank; else None."""
+        present = [d for d in deltas if d is not None]
+        plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 for d in present)
+        return cls(deltas) if isinstance(module, nn.Linear) and plain and len(present) > 1 else None
+
+    def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output`` plus group g's delta on rows ``[g*R, (g+1)*R)``, for batches that are G equal groups."""
+        down, up = _cast(self.down, x, self._cache), _cast(self.up, x, self._cache)
+        groups = down.shape[0]
+        h = torch.bmm(x.reshape(groups, -1, down.shape[1]), down)
+        return torch.baddbmm(output.reshape(groups, -1, up.shape[2]), h, up).view(output.shape)
+
+
 class HookEngine:
     """Owns the forward hooks of one sampling pass and which row groups each LoRA applies to right now.
 
     ``add`` collects deltas, ``install`` hooks only the layers some delta touches, ``active(groups)`` selects
-    LoRAs for the calls made inside it, ``remove`` takes every hook away (idempotent).
+    LoRAs for the calls made inside it, ``remove`` takes every hook away (idempotent). With ``stack`` (the default),
+    groups that split the batch into equal consecutive blocks use :class:`StackedLowRank` where it applies.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stack: bool = True) -> None:
         self.deltas: dict[nn.Module, dict[int, Delta]] = {}
         self.groups: tuple[Group, ...] = ()
+        self.stack = stack
+        self._rows: int | None = None
+        self._stacks: dict[tuple[nn.Module, tuple[int, ...]], StackedLowRank | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def add(self, module: nn.Module, k: int, delta: Delta) -> None:
@@ -129,16 +169,19 @@ class HookEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.groups = ()
+        self._stacks.clear()
+        self.groups, self._rows = (), None
 
     @contextmanager
     def active(self, groups: Sequence[Group]) -> Iterator[None]:
         """Apply LoRA k to rows [start, stop) of every hooked layer for the calls made inside this block."""
-        previous, self.groups = self.groups, tuple(groups)
+        previous = self.groups, self._rows
+        self.groups = tuple(groups)
+        self._rows = _equal_block_rows(self.groups) if self.stack else None
         try:
             yield
         finally:
-            self.groups = previous
+            self.groups, self._rows = previous
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         groups = self.groups
@@ -149,9 +192,29 @@ class HookEngine:
         if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
             delta = deltas.get(groups[0][0])
             return None if delta is None else output + delta(module, x)
+        if self._rows is not None and x.shape[0] == output.shape[0] == len(groups) * self._rows:
+            stacked = self._stacked(module, deltas, groups)
+            if stacked is not None:
+                return stacked(x, output)
         out = output.clone()
         for k, start, stop in groups:
             delta = deltas.get(k)
             if delta is not None:
                 out[start:stop] += delta(module, x[start:stop])
         return out
+
+    def _stacked(self, module: nn.Module, deltas: dict[int, Delta], groups: tuple[Group, ...]) -> StackedLowRank | None:
+        """The stack for this layer and LoRA order, built on first use in the pass."""
+        key = (module, tuple(k for k, _, _ in groups))
+        if key not in self._stacks:
+            self._stacks[key] = StackedLowRank.build(module, [deltas.get(k) for k, _, _ in groups])
+        return self._stacks[key]
+
+
+def _equal_block_rows(groups: tuple[Group, ...]) -> int | None:
+    """R when the groups are ``[(k0, 0, R), (k1, R, 2R), ...]`` (a batch replicated once per LoRA), else None."""
+    if len(groups) < 2 or groups[0][2] is None:
+        return None
+    rows = groups[0][2]
+    blocks = all(start == g * rows and stop == (g + 1) * rows for g, (_, start, stop) in enumerate(groups))
+    return rows if rows > 0 and blocks else None

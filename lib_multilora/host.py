@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .args import ArgsError, MultiLoraArgs
+from .args import MERGE, ArgsError, MultiLoraArgs, label_of
 from .engine import DenseDelta, HookEngine, LowRankDelta
-from .inner import MethodInner
+from .inner import MethodInner, runs_batched
 from .plan import select
 from .schedule import sampling_step
 from .tags import TAG_NAME, apply_tags, strip_malformed
@@ -47,7 +47,7 @@ class Pass:
     original_inner: nn.Module
     wrapper: MethodInner
     sampler: Any
-    unet: nn.Module
+    model: nn.Module
     trace: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
@@ -69,13 +69,19 @@ def on_process(p: Any, script_args: tuple) -> None:
                 warn(p, message)
     override = getattr(p, "multilora_override", None)  # set by X/Y/Z axes
     if override:
-        p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
+        try:
+            p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
+        except ArgsError as e:
+            warn(p, f"bad X/Y/Z value: {e}")
+    if getattr(p, "multilora_cell_is_merge", False):
+        p.extra_generation_params[label_of("method")] = MERGE
     if "close" not in vars(p):
         original_close = p.close
 
         def close() -> None:
             try:
                 finish_pass(p)
+                restore_text_encoder(p)
             finally:
                 original_close()
 
@@ -83,38 +89,76 @@ def on_process(p: Any, script_args: tuple) -> None:
 
 
 def warn(p: Any, message: str) -> None:
-    """Tell the user in the infotext and the console; never raise."""
+    """Tell the user in the infotext and the console, once per generation; never raise."""
+    previous = p.extra_generation_params.get("Multi-LoRA warning")
+    if previous and message in previous.split("; "):
+        return
     text = f"Multi-LoRA: {message}"
     log.warning(text)
     p.comment(text)
-    previous = p.extra_generation_params.get("Multi-LoRA warning")
     p.extra_generation_params["Multi-LoRA warning"] = f"{previous}; {message}" if previous else message
 
 
-def start_pass(p: Any) -> None:
-    """Install the chosen method for the sampling pass about to run (first pass or hires pass)."""
-    finish_pass(p)
+def resolve(p: Any) -> tuple[MultiLoraArgs, list[Any], list[Any]] | None:
+    """The effective args (panel, then tags) and the loaded/composed LoRAs for the current batch or pass, or None
+    when nothing is to be composed (disabled, or bad input, which is reported)."""
     args = getattr(p, "multilora_args", None)
     if args is None:
-        return
+        return None
     args, tag_warnings = apply_tags(args, getattr(p, "multilora_tags", []))
     for w in tag_warnings:
         warn(p, w)
     if not args.enabled:
-        return
+        return None
     problems = args.problems()
     if problems:
         warn(p, "; ".join(problems) + "; running without Multi-LoRA")
-        return
-    networks = builtin_networks()
-    loaded = list(networks.loaded_networks)
+        return None
+    loaded = list(builtin_networks().loaded_networks)
     selection = select([(n.name, network_names(n)) for n in loaded], args.lora_names)
     for w in selection.warnings:
         warn(p, w)
     if selection.error:
         warn(p, selection.error + "; running without Multi-LoRA")
+        return None
+    return args, loaded, [loaded[i] for i in selection.composed]
+
+
+def apply_text_encoder_policy(p: Any) -> None:
+    """Before the conds are computed: take composed LoRAs out of the text encoder as the policy says (their text
+    encoder multiplier set to 0 until sampling starts) and make this generation compute its own conds."""
+    resolved = resolve(p)
+    if resolved is None or resolved[0].text_encoder == "All":
         return
-    composed = [loaded[i] for i in selection.composed]
+    args, _, composed = resolved
+    keep = composed[:1] if args.text_encoder == "First" else []
+    muted = [(net, net.te_multiplier) for net in composed if all(net is not k for k in keep)]
+    for net, _ in muted:
+        net.te_multiplier = 0.0
+    p.multilora_muted_te = muted
+    # The webui caches conds by prompt and network params, not by text-encoder weights: bypass its shared cache.
+    p.cached_c, p.cached_uc = [None, None], [None, None]
+
+
+def restore_text_encoder(p: Any) -> None:
+    for net, multiplier in vars(p).pop("multilora_muted_te", []):
+        net.te_multiplier = multiplier
+
+
+def start_pass(p: Any) -> None:
+    """Install the chosen method for the sampling pass about to run (first pass or hires pass)."""
+    finish_pass(p)
+    restore_text_encoder(p)
+    resolved = resolve(p)
+    if resolved is None:
+        return
+    args, loaded, composed = resolved
+    offset = 0
+    if getattr(p, "is_hr_pass", False):
+        if args.hires == "Off":
+            return
+        offset = p.steps if args.hires == "Continue" else 0
+    networks = builtin_networks()
     try:
         if not hasattr(p.sd_model, "network_layer_mapping"):
             networks.assign_network_names_to_compvis_modules(p.sd_model)
@@ -125,7 +169,7 @@ def start_pass(p: Any) -> None:
     untouched = [n.name for k, n in enumerate(composed) if not any(k in d for d in engine.deltas.values())]
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
-    install(p, args, loaded, composed, engine)
+    install(p, args, loaded, composed, engine, offset)
 
 
 def network_names(net: Any) -> frozenset[str]:
@@ -178,7 +222,9 @@ def _low_rank(net_module: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
     return down, up, float(net_module.multiplier() * net_module.calc_scale())
 
 
-def install(p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any], engine: HookEngine) -> None:
+def install(
+    p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any], engine: HookEngine, step_offset: int
+) -> None:
     static = [n for n in loaded if all(n is not c for c in composed)]
     denoiser = p.sampler.model_wrap_cfg
     original_inner = denoiser.inner_model
@@ -190,17 +236,21 @@ def install(p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any],
         if observer is not None:
             observer(step, active, call, result)
 
+    from modules import devices  # the device the webui runs the model on (Auto batches on CUDA only)
+
     wrapper = MethodInner(
         original_inner,
         engine,
         args.method,
         len(composed),
         args.tau,
-        step=lambda: sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
+        step=lambda: step_offset + sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
         observer=observe,
+        batched=runs_batched(args.execution, devices.device),
+        warn=lambda message: warn(p, message),
     )
     p.multilora_pass = Pass(
-        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, unet=p.sd_model.model, trace=trace
+        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, model=p.sd_model, trace=trace
     )
     p.extra_generation_params.update(args.infotext([n.name for n in composed]))
     builtin_networks().loaded_networks[:] = static
@@ -233,14 +283,14 @@ def finish_pass(p: Any) -> None:
     # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner).
     if len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
         current[:] = state.original_networks
-        remerge(networks, state.unet)
+        remerge(networks, state.model)
 
 
-def remerge(networks: Any, unet: nn.Module) -> None:
-    """Merge the restored list into the layers the pass ran unmerged, as a plain generation leaves them; the
-    built-in skips every layer already in that state, so this costs one merge of the composed layers only."""
+def remerge(networks: Any, model: nn.Module) -> None:
+    """Merge the restored list into the layers the pass ran unmerged (UNet, and text encoder under a policy), as a
+    plain generation leaves them; the built-in skips every layer already in that state."""
     with torch.no_grad():
-        for module in unet.modules():
+        for module in model.modules():
             if hasattr(module, "network_current_names"):
                 networks.network_apply_weights(module)
 

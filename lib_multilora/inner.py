@@ -26,12 +26,32 @@ def composite_mean(outputs: list[torch.Tensor]) -> torch.Tensor:
     return (acc / len(outputs)).to(outputs[0].dtype)
 
 
+def runs_batched(execution: str, device: torch.device) -> bool:
+    """Whether Composite runs its LoRAs as one call on a replicated batch: always for Batched, on a CUDA device for
+    Auto (on a CPU the bigger batch buys nothing and costs memory); Sequential is one call per LoRA."""
+    return execution == "Batched" or (execution == "Auto" and device.type == "cuda")
+
+
+def replicate(value: Any, rows: int, n: int) -> Any:
+    """``value`` with every per-row tensor (dim 0 == ``rows``) repeated ``n`` times along dim 0, through nested
+    lists, tuples and dicts: x, sigma and every conditioning tensor, whatever the model type's cond layout."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(n, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, dict):
+        return {key: replicate(v, rows, n) for key, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(replicate(v, rows, n) for v in value)
+    return value
+
+
 class MethodInner(nn.Module):
     """Stands in for the denoiser's inner model for one sampling pass.
 
     ``step`` returns the current sampling step (read from the host's counter on every call, so chunked calls and
     second-order samplers stay on the right LoRA). ``observer(step, active, (args, kwargs), result)`` sees every
-    call after it ran: the trace the tests and the infotext read.
+    call after it ran: the trace the tests and the infotext read. ``batched`` runs Composite as one call on the batch
+    replicated per LoRA; it falls back to sequential calls for the rest of the pass, saying why through ``warn``,
+    when that runs out of memory or another extension changes the number of rows.
     """
 
     def __init__(
@@ -43,12 +63,15 @@ class MethodInner(nn.Module):
         tau: int,
         step: Callable[[], int],
         observer: Callable[[int, list[int], tuple[tuple, dict], torch.Tensor], None] | None = None,
+        batched: bool = False,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.engine = engine
         self._method, self._n, self._tau = method, n_loras, tau
         self._step, self._observer = step, observer
+        self.batched, self._warn = batched, warn
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -64,11 +87,38 @@ class MethodInner(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_loras()
-        outputs = []
-        for k in active:
-            with self.engine.active([(k, 0, None)]):
-                outputs.append(self.inner(*args, **kwargs))
-        result = outputs[0] if len(outputs) == 1 else composite_mean(outputs)
+        result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
+        if result is None:
+            outputs = []
+            for k in active:
+                with self.engine.active([(k, 0, None)]):
+                    outputs.append(self.inner(*args, **kwargs))
+            result = outputs[0] if len(outputs) == 1 else composite_mean(outputs)
         if self._observer is not None:
             self._observer(self._step(), active, (args, kwargs), result)
         return result
+
+    def _batched(self, active: list[int], args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The Composite mean from one call on the replicated batch, or None after falling back to sequential."""
+        rows, n = args[0].shape[0], len(active)
+        try:
+            out = self._call_replicated(active, rows, args, kwargs)
+        except torch.cuda.OutOfMemoryError:
+            out = None  # leave the handler first: its traceback holds the batch's activations
+        if out is None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._fall_back(f"batched Composite ran out of memory for {n}x{rows} rows")
+        if out.shape[0] != n * rows:
+            return self._fall_back(f"the model returned {out.shape[0]} rows for {n}x{rows} (another extension?)")
+        return composite_mean(list(out.split(rows)))
+
+    def _call_replicated(self, active: list[int], rows: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        groups = [(k, i * rows, (i + 1) * rows) for i, k in enumerate(active)]
+        with self.engine.active(groups):
+            return self.inner(*replicate(args, rows, len(active)), **replicate(kwargs, rows, len(active)))
+
+    def _fall_back(self, reason: str) -> None:
+        self.batched = False
+        if self._warn is not None:
+            self._warn(f"{reason}; running Composite sequentially")

@@ -1,34 +1,107 @@
-"""The txt2img/img2img panel (gradio). Component order is the args model's field order: the API reads it."""
+"""The txt2img/img2img panel and the settings section (gradio). Component order is the args model's field order:
+the API's positional ``alwayson_scripts`` args read it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import gradio as gr
+from modules import shared
 from modules.ui_components import InputAccordion
 
-from .args import METHODS, TAU_MAX, TAU_MIN, MultiLoraArgs, field_names, label_of
+from .args import (
+    EXECUTIONS,
+    HIRES_MODES,
+    METHODS,
+    TAU_MAX,
+    TAU_MIN,
+    TEXT_ENCODER_POLICIES,
+    MultiLoraArgs,
+    field_names,
+    label_of,
+)
+
+SECTION = ("multilora", "Multi-LoRA Composition")
+
+
+def default(name: str) -> Any:
+    """The panel default: the user's setting where there is one, else the args model's."""
+    return getattr(shared.opts, f"multilora_default_{name}", getattr(MultiLoraArgs, name))
+
+
+def show_in_img2img() -> bool:
+    return bool(getattr(shared.opts, "multilora_img2img", True))
 
 
 def build_panel(script: Any, is_img2img: bool) -> list[Any]:
     """Create the panel, wire infotext paste-back, and return the components in positional-arg order."""
     tab = "img2img" if is_img2img else "txt2img"
-    defaults = MultiLoraArgs()
-    with InputAccordion(defaults.enabled, label="Multi-LoRA Composition", elem_id=f"{tab}_multilora") as enabled:
-        method = gr.Radio(list(METHODS), value=defaults.method, label="Method", elem_id=f"{tab}_multilora_method")
-        tau = gr.Slider(
-            TAU_MIN, TAU_MAX, value=defaults.tau, step=1, label="Switch every τ steps", elem_id=f"{tab}_multilora_tau"
-        )
+    with InputAccordion(False, label="Multi-LoRA Composition", elem_id=f"{tab}_multilora") as enabled:
+        with gr.Row():
+            method = gr.Radio(list(METHODS), value=default("method"), label="Method", elem_id=f"{tab}_multilora_method")
+            tau = gr.Slider(
+                TAU_MIN,
+                TAU_MAX,
+                value=default("tau"),
+                step=1,
+                label="Switch every τ steps",
+                elem_id=f"{tab}_multilora_tau",
+            )
         loras = gr.Textbox(
-            value=defaults.loras,
+            value="",
             label="LoRAs to compose",
             placeholder="empty = every <lora> in the prompt; names here are composed, the others stay merged",
             elem_id=f"{tab}_multilora_loras",
         )
-    components = {"enabled": enabled, "method": method, "tau": tau, "loras": loras}
+        execution = gr.Radio(
+            list(EXECUTIONS),
+            value=default("execution"),
+            label="Composite execution",
+            elem_id=f"{tab}_multilora_execution",
+        )
+        with gr.Row():
+            text_encoder = gr.Radio(
+                list(TEXT_ENCODER_POLICIES),
+                value=MultiLoraArgs.text_encoder,
+                label="Text encoder sees",
+                elem_id=f"{tab}_multilora_text_encoder",
+            )
+            hires = gr.Radio(
+                list(HIRES_MODES), value=MultiLoraArgs.hires, label="Hires pass", elem_id=f"{tab}_multilora_hires"
+            )
+    components = {
+        "enabled": enabled,
+        "method": method,
+        "tau": tau,
+        "loras": loras,
+        "execution": execution,
+        "text_encoder": text_encoder,
+        "hires": hires,
+    }
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
         (components[name], label_of(name)) for name in field_names() if name != "enabled"
     ]
     script.paste_field_names = [label_of(name) for name in field_names() if name != "enabled"]
     return [components[name] for name in field_names()]
+
+
+def on_ui_settings() -> None:
+    options = {
+        "multilora_default_method": shared.OptionInfo(
+            MultiLoraArgs.method, "Default method", gr.Radio, {"choices": list(METHODS)}
+        ),
+        "multilora_default_tau": shared.OptionInfo(
+            MultiLoraArgs.tau,
+            "Default Switch interval τ (steps)",
+            gr.Slider,
+            {"minimum": TAU_MIN, "maximum": TAU_MAX, "step": 1},
+        ),
+        "multilora_default_execution": shared.OptionInfo(
+            MultiLoraArgs.execution, "Default Composite execution", gr.Radio, {"choices": list(EXECUTIONS)}
+        ).info("Batched: one UNet call with the batch replicated per LoRA (faster on GPU, N× activation memory)"),
+        "multilora_img2img": shared.OptionInfo(True, "Show the panel in img2img").needs_reload_ui(),
+    }
+    for name, option in options.items():
+        option.section = SECTION
+        shared.opts.add_option(name, option)

@@ -9,8 +9,8 @@ from typing import Any
 
 from modules import script_callbacks, scripts
 
-from lib_multilora import host
-from lib_multilora.ui import build_panel
+from lib_multilora import host, xyz
+from lib_multilora.ui import build_panel, on_ui_settings, show_in_img2img
 
 
 class MultiLoraScript(scripts.Script):
@@ -18,13 +18,20 @@ class MultiLoraScript(scripts.Script):
         return "Multi-LoRA Composition"
 
     def show(self, is_img2img: bool) -> Any:
-        return scripts.AlwaysVisible
+        return scripts.AlwaysVisible if show_in_img2img() or not is_img2img else False
 
     def ui(self, is_img2img: bool) -> list[Any]:
         return build_panel(self, is_img2img)
 
     def process(self, p: Any, *args: Any) -> None:
         host.on_process(p, args)
+
+    def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            host.apply_text_encoder_policy(p)
+        except Exception as e:
+            host.restore_text_encoder(p)
+            host.warn(p, f"internal error in the text-encoder policy, using All: {e!r}")
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -41,3 +48,6 @@ class MultiLoraScript(scripts.Script):
 
 
 script_callbacks.on_before_ui(host.register_tag_network)
+xyz.add_axes()  # now, so the API's script-info lists our axes; again before the UI in case X/Y/Z loads later
+script_callbacks.on_before_ui(xyz.add_axes)
+script_callbacks.on_ui_settings(on_ui_settings)

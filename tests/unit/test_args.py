@@ -12,10 +12,11 @@ def test_defaults_are_off_switch_every_5() -> None:
 
 
 def test_positional_args_follow_field_order() -> None:
-    assert field_names()[:4] == ["enabled", "method", "tau", "loras"]
+    assert field_names()[:5] == ["enabled", "method", "tau", "loras", "execution"]
     a = MultiLoraArgs.from_script_args((True, "Composite", 3, "A, B"))
     assert a == MultiLoraArgs(True, "Composite", 3, "A, B")
-    assert a.lora_names == ["A", "B"]
+    assert a.lora_names == ["A", "B"] and a.execution == "Sequential"
+    assert MultiLoraArgs.from_script_args((True, "Composite", 3, "", "batched")).execution == "Batched"
 
 
 def test_dict_args_and_case_insensitive_method() -> None:
@@ -45,6 +46,7 @@ def test_bad_script_args_raise_clear_errors(args: tuple) -> None:
         (MultiLoraArgs(True, "Blend", 5), "unknown method"),
         (MultiLoraArgs(True, "Switch", 0), "positive"),
         (MultiLoraArgs(True, "Switch", -3), "positive"),
+        (MultiLoraArgs(True, "Composite", execution="Parallel"), "unknown execution 'Parallel'"),
     ],
 )
 def test_problems_name_what_is_wrong(args: MultiLoraArgs, fragment: str) -> None:
@@ -63,3 +65,13 @@ def test_infotext_round_trip() -> None:
 def test_composite_infotext_has_no_tau() -> None:
     info = MultiLoraArgs(True, "Composite", 5).infotext(["A", "B"])
     assert info == {"Multi-LoRA method": "Composite", "Multi-LoRA LoRAs": "A, B"}
+
+
+@pytest.mark.parametrize("execution", ["Batched", "Auto"])
+def test_execution_is_in_the_infotext_for_composite_only_when_not_default(execution: str) -> None:
+    composite = MultiLoraArgs(True, "Composite", loras="A, B", execution=execution)
+    info = composite.infotext(composite.lora_names)
+    assert info["Multi-LoRA composite execution"] == execution
+    assert MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()}) == composite
+    assert "Multi-LoRA composite execution" not in MultiLoraArgs(True, "Switch", execution=execution).infotext(["A"])
+    assert "Multi-LoRA composite execution" not in MultiLoraArgs(True, "Composite").infotext(["A"])

@@ -181,3 +181,148 @@ def test_unknown_lora_index_and_duplicates() -> None:
     x = torch.randn(1, 4)
     with eng.active([(1, 0, None)]):  # LoRA 1 does not touch this layer
         assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def lora_linear_rank(d_in: int, d_out: int, r: int, scale: float) -> LowRankDelta:
+    return LowRankDelta(down=torch.randn(r, d_in), up=torch.randn(d_out, r), scale=scale)
+
+
+class Block(nn.Module):
+    """A UNet-like block: 1x1 conv in, attention-style linears on tokens, a norm, a conv out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.q = nn.Linear(8, 8)
+        self.ff = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 8)
+        self.conv_out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.conv_in(x))
+        b, c, hh, ww = h.shape
+        t = h.flatten(2).transpose(1, 2)  # [B, HW, C]: a non-contiguous view, as in attention blocks
+        t = self.out(self.ff(self.q(t)))
+        return self.conv_out(t.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def block_loras(net: Block, n: int) -> list[dict[nn.Module, object]]:
+    """Per LoRA k, its deltas by layer: mixed ranks and scales, LoRA 1 skips ``q``, the last one has a dense (LyCORIS
+    style) delta on ``ff`` and a dense norm delta, every one a conv LoRA on ``conv_in``."""
+    out: list[dict[nn.Module, object]] = []
+    for k in range(n):
+        deltas: dict[nn.Module, object] = {
+            net.conv_in: lora_conv(net.conv_in, r=2 + k),
+            net.out: lora_linear_rank(16, 8, r=2 + 2 * k, scale=0.3 + 0.2 * k),
+        }
+        if k != 1:
+            deltas[net.q] = lora_linear_rank(8, 8, r=3, scale=0.5)
+        if k == n - 1:
+            dw, dn = torch.randn(16, 8) * 0.1, torch.randn(8) * 0.1
+            deltas[net.ff] = DenseDelta(lambda m, dw=dw: (dw, None))
+            deltas[net.norm] = DenseDelta(lambda m, dn=dn: (dn, dn))
+        else:
+            deltas[net.ff] = lora_linear_rank(8, 16, r=4, scale=1.0)
+        out.append(deltas)
+    return out
+
+
+def merged_reference(net: Block, deltas: dict[nn.Module, object]) -> Block:
+    """The block with one LoRA merged into its weights, as the webui would run it."""
+    ref = copy.deepcopy(net)
+    names = {m: name for name, m in net.named_modules()}
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            target = getattr(ref, names[module])
+            if isinstance(delta, LowRankDelta):
+                target.weight += merged_weight(module, delta)
+            else:
+                dw, db = delta.compute(module)
+                target.weight += dw.reshape(target.weight.shape)
+                if db is not None:
+                    target.bias += db
+    return ref
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("stack", [True, False])
+def test_batched_groups_equal_sequential_and_merged(n: int, stack: bool) -> None:
+    torch.manual_seed(n)
+    net = Block()
+    loras = block_loras(net, n)
+    eng = HookEngine(stack=stack)
+    for k, deltas in enumerate(loras):
+        for module, delta in deltas.items():
+            eng.add(module, k, delta)
+    eng.install()
+    rows = 2
+    x = torch.randn(rows, 4, 5, 5)
+    with eng.active([(k, k * rows, (k + 1) * rows) for k in range(n)]):
+        batched = net(x.repeat(n, 1, 1, 1))
+    for k in range(n):
+        with eng.active([(k, 0, None)]):
+            sequential = net(x)
+        block = batched[k * rows : (k + 1) * rows]
+        torch.testing.assert_close(block, sequential, **TOL)
+        torch.testing.assert_close(block, merged_reference(net, loras[k])(x), **TOL)
+    stacked = {m for (m, _), s in eng._stacks.items() if s is not None}
+    # plain Linear LoRAs of at least two groups stack (q has one for n=2); dense deltas and convs do not
+    assert stacked == (({net.q} if n > 2 else set()) | {net.out} if stack else set())
+    eng.remove()
+    assert eng._stacks == {}
+
+
+def test_stacked_low_rank_pads_ranks_and_fills_missing_groups_with_zeros() -> None:
+    lin = nn.Linear(6, 5)
+    deltas = [lora_linear_rank(6, 5, 2, 0.5), None, lora_linear_rank(6, 5, 7, 2.0)]
+    eng = HookEngine()
+    for k, d in enumerate(deltas):
+        if d is not None:
+            eng.add(lin, k, d)
+    eng.install()
+    x = torch.randn(3 * 4, 3, 6)
+    with eng.active([(k, 4 * k, 4 * k + 4) for k in range(3)]):
+        got = lin(x)
+    plain = nn.functional.linear(x, lin.weight, lin.bias)
+    for k, d in enumerate(deltas):
+        rows = slice(4 * k, 4 * k + 4)
+        expected = plain[rows] if d is None else merged(lin, d)(x[rows])
+        torch.testing.assert_close(got[rows], expected, **TOL)
+    (stack,) = eng._stacks.values()
+    assert stack.down.shape == (3, 6, 7) and stack.up.shape == (3, 7, 5)
+    assert not stack.down[1].any() and not stack.up[1].any()
+
+
+def test_stacking_needs_equal_blocks_that_cover_the_batch() -> None:
+    lin = nn.Linear(4, 4)
+    eng = HookEngine()
+    eng.add(lin, 0, lora_linear(4, 4))
+    eng.add(lin, 1, lora_linear(4, 4))
+    eng.install()
+    x = torch.randn(5, 4)
+    with eng.active([(0, 0, 2), (1, 2, 5)]):  # unequal blocks: the per-group loop
+        got = lin(x)
+    assert eng._stacks == {}
+    torch.testing.assert_close(got[2:], merged(lin, eng.deltas[lin][1])(x[2:]), **TOL)
+    with eng.active([(0, 0, 2), (1, 2, 4)]):  # equal blocks, but a layer whose batch is not 2x2 rows
+        got = lin(x)
+    assert eng._stacks == {}
+    torch.testing.assert_close(got[4:], nn.functional.linear(x[4:], lin.weight, lin.bias))
+
+
+def test_only_touched_layers_are_hooked_and_an_empty_engine_hooks_nothing() -> None:
+    net = Block()
+    empty = HookEngine()
+    empty.install()
+    assert not empty.installed
+    assert sum(len(m._forward_hooks) for m in net.modules()) == 0
+    eng = HookEngine()
+    eng.add(net.q, 0, lora_linear(8, 8))
+    eng.add(net.q, 1, lora_linear(8, 8))
+    eng.add(net.conv_out, 1, LowRankDelta(torch.randn(2, 8, 1, 1), torch.randn(4, 2, 1, 1), 1.0))
+    eng.install()
+    hooked = {name for name, m in net.named_modules() if m._forward_hooks}
+    assert hooked == {"q", "conv_out"}
+    eng.remove()
+    assert sum(len(m._forward_hooks) for m in net.modules()) == 0

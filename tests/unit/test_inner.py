@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from lib_multilora.engine import HookEngine, LowRankDelta
-from lib_multilora.inner import MethodInner, composite_mean
+from lib_multilora.inner import MethodInner, composite_mean, replicate, runs_batched
 
 
 class Inner(nn.Module):
@@ -95,3 +96,116 @@ def test_composite_mean_keeps_dtype_and_accumulates_in_fp32() -> None:
     out = composite_mean([a, b])
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ((a.float() + b.float()) / 2).half().float())
+
+
+class CondInner(nn.Module):
+    """An inner model that reads every cond tensor the webui passes, in the SD1 or SDXL layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.ctx = nn.Linear(3, 6)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        if "c_crossattn" in cond:  # SD1: {"c_crossattn": [t], "c_concat": [t]}
+            context, extra = cond["c_crossattn"][0], cond["c_concat"][0].flatten(1)
+        else:  # SDXL: {"crossattn": t, "vector": t, "c_concat": [t]}
+            context, extra = cond["crossattn"], cond["vector"] + cond["c_concat"][0].flatten(1)
+        return self.lin(x) * sigma[:, None] + self.ctx(context).mean(1) + extra
+
+
+def cond_setup(n: int) -> tuple[CondInner, HookEngine]:
+    torch.manual_seed(2)
+    inner = CondInner()
+    eng = HookEngine()
+    for k in range(n):
+        eng.add(inner.lin, k, LowRankDelta(torch.randn(1 + k, 6), torch.randn(6, 1 + k), 0.5 + k))
+        if k != 1:
+            eng.add(inner.ctx, k, LowRankDelta(torch.randn(2, 3), torch.randn(6, 2), 1.0))
+    eng.install()
+    return inner, eng
+
+
+def cond_args(layout: str, rows: int = 4) -> tuple[tuple, dict]:
+    x, sigma = torch.randn(rows, 6), torch.rand(rows) + 0.5
+    if layout == "sd1":
+        cond = {"c_crossattn": [torch.randn(rows, 5, 3)], "c_concat": [torch.randn(rows, 6, 1, 1)]}
+    else:
+        context, vector = torch.randn(rows, 5, 3), torch.randn(rows, 6)
+        cond = {"crossattn": context, "vector": vector, "c_concat": [torch.randn(rows, 6)]}
+    return (x, sigma), {"cond": cond}
+
+
+@pytest.mark.parametrize("layout", ["sd1", "sdxl"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_batched_composite_equals_sequential(layout: str, n: int) -> None:
+    inner, eng = cond_setup(n)
+    args, kwargs = cond_args(layout)
+    calls: list[int] = []
+
+    def counting_forward(*a: object, _forward=inner.forward, **kw: object) -> torch.Tensor:
+        calls.append(a[0].shape[0])
+        return _forward(*a, **kw)
+
+    sequential = MethodInner(inner, eng, "Composite", n, 5, step=lambda: 0)(*args, **kwargs)
+    inner.forward = counting_forward
+    batched = MethodInner(inner, eng, "Composite", n, 5, step=lambda: 0, batched=True)(*args, **kwargs)
+    assert calls == [4 * n], "one inner call on the replicated batch"
+    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=1e-5)
+    assert eng.groups == ()
+
+
+def test_replicate_repeats_per_row_tensors_through_nested_conds() -> None:
+    (x, sigma), kwargs = cond_args("sdxl", rows=2)
+    scalar, other = torch.tensor(3.0), torch.randn(5, 2)
+    out = replicate(((x, sigma), {**kwargs, "scale": scalar, "other": other, "name": "n"}), 2, 3)
+    (rx, rsigma), rkw = out
+    assert rx.shape == (6, 6) and torch.equal(rx[4:], x) and torch.equal(rsigma, sigma.repeat(3))
+    assert rkw["cond"]["crossattn"].shape == (6, 5, 3) and isinstance(rkw["cond"]["c_concat"], list)
+    assert rkw["cond"]["c_concat"][0].shape == (6, 6) and rkw["cond"]["vector"].shape == (6, 6)
+    assert rkw["scale"] is scalar and rkw["other"] is other and rkw["name"] == "n"
+
+
+class FlakyInner(CondInner):
+    """Fails the way a batched call can: out of memory, or another extension returning other rows."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__()
+        self.failure = failure
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        out = super().forward(x, sigma, cond)
+        if x.shape[0] > 4 and self.failure == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return out[:4] if x.shape[0] > 4 and self.failure == "rows" else out
+
+
+@pytest.mark.parametrize("failure", ["oom", "rows"])
+def test_batched_falls_back_to_sequential_once_and_says_so(failure: str) -> None:
+    torch.manual_seed(3)
+    inner = FlakyInner(failure)
+    eng = HookEngine()
+    for k in range(2):
+        eng.add(inner.lin, k, LowRankDelta(torch.randn(2, 6), torch.randn(6, 2), 1.0))
+    eng.install()
+    warnings: list[str] = []
+    wrapped = MethodInner(inner, eng, "Composite", 2, 5, step=lambda: 0, batched=True, warn=warnings.append)
+    args, kwargs = cond_args("sd1")
+    expected = MethodInner(inner, eng, "Composite", 2, 5, step=lambda: 0)(*args, **kwargs)
+    for _ in range(3):
+        torch.testing.assert_close(wrapped(*args, **kwargs), expected, atol=0, rtol=0)
+    assert not wrapped.batched and len(warnings) == 1
+    assert ("out of memory" if failure == "oom" else "returned 4 rows for 2x4") in warnings[0]
+    assert eng.groups == ()
+
+
+def test_switch_ignores_batched_and_auto_batches_on_cuda_only() -> None:
+    inner, eng = cond_setup(2)
+    args, kwargs = cond_args("sd1")
+    wrapped = MethodInner(inner, eng, "Switch", 2, 1, step=lambda: 1, batched=True)
+    with eng.active([(1, 0, None)]):
+        expected = inner(*args, **kwargs)
+    torch.testing.assert_close(wrapped(*args, **kwargs), expected, atol=0, rtol=0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [runs_batched(e, cpu) for e in ("Sequential", "Batched", "Auto")] == [False, True, False]
+    assert [runs_batched(e, cuda) for e in ("Sequential", "Batched", "Auto")] == [False, True, True]

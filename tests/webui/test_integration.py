@@ -1,0 +1,131 @@
+"""How the methods fit the webui: API arg forms, X/Y/Z axes, text-encoder policy, hires-pass modes."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .server import SKIP_REASON
+
+if TYPE_CHECKING:
+    from .server import WebuiClient
+
+if not os.environ.get("SD_WEBUI_DIR", "").strip():
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.usefixtures("no_tracebacks")
+
+TITLE = "Multi-LoRA Composition"
+PROMPT = "a photo of a cat"
+AB = f"{PROMPT} <lora:mlA:1> <lora:mlB:1>"
+ABC = f"{AB} <lora:mlC:1>"
+STEPS = 8
+
+
+def ml(**named: Any) -> dict[str, Any]:
+    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Any:
+    return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
+
+
+def trace(webui: WebuiClient) -> list[dict[str, Any]]:
+    return webui.get("/multilora-probe/trace")["calls"]
+
+
+def test_api_accepts_named_dict_and_positional_args_alike(webui: WebuiClient) -> None:
+    named = gen(webui, AB, **ml(method="composite"))
+    positional = gen(webui, AB, alwayson_scripts={TITLE: {"args": [True, "Composite", 5, ""]}})
+    assert max_diff(named.image, positional.image) == 0
+    assert "Multi-LoRA method: Composite" in named.infotext
+
+
+def test_api_unknown_named_arg_is_reported(webui: WebuiClient) -> None:
+    plain = gen(webui, AB)
+    result = gen(webui, AB, **ml(method="Switch", bogus=1))
+    assert max_diff(plain.image, result.image) == 0
+    assert "bad script args" in result.infotext and "bogus" in result.infotext
+
+
+def xyz_args(x_type: int, x_values: str) -> list[Any]:
+    """x/y/z plot's positional args (its ui() order): X axis only, legend, sub images, text values."""
+    return [x_type, x_values, None, 0, "", None, 0, "", None, True, True, False, False, False, False, False, 0, True]
+
+
+def axis_index(webui: WebuiClient, label: str) -> int:
+    info = next(s for s in webui.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = next(a["choices"] for a in info["args"] if a["label"] == "X type")
+    return choices.index(label)
+
+
+def test_xyz_method_axis_puts_merge_switch_composite_side_by_side(webui: WebuiClient) -> None:
+    x_type = axis_index(webui, "[Multi-LoRA] Method")
+    script_args = xyz_args(x_type, "Merge, Switch, Composite")
+    result = webui.txt2img(prompt=AB, steps=STEPS, script_name="x/y/z plot", script_args=script_args)
+    assert len(result.images) == 4  # the grid, then each cell
+    cells = result.info["infotexts"][1:]
+    assert ["Multi-LoRA method: Merge" in cells[0], "Multi-LoRA method: Switch" in cells[1]] == [True, True]
+    assert "Multi-LoRA method: Composite" in cells[2]
+    merge, switch, composite = result.images[1:]
+    assert max_diff(merge, gen(webui, AB).image) == 0
+    assert max_diff(switch, gen(webui, AB, **ml(method="Switch")).image) <= 2
+    assert max_diff(composite, gen(webui, AB, **ml(method="Composite")).image) <= 2
+
+
+def test_xyz_tau_axis(webui: WebuiClient) -> None:
+    x_type = axis_index(webui, "[Multi-LoRA] Switch τ")
+    script_args = xyz_args(x_type, "1, 8")
+    result = webui.txt2img(
+        prompt=f"{AB} <multilora:switch>", steps=STEPS, script_name="x/y/z plot", script_args=script_args
+    )
+    cells = result.info["infotexts"][1:]
+    assert "Multi-LoRA switch every: 1" in cells[0] and "Multi-LoRA switch every: 8" in cells[1]
+
+
+def test_text_encoder_first_equals_first_lora_only(webui: WebuiClient) -> None:
+    gen(webui, AB)  # fills the webui's cond cache with the all-LoRA text encoder
+    first = gen(webui, AB, **ml(method="Switch", tau=STEPS, text_encoder="First"))
+    reference = gen(webui, f"{PROMPT} <lora:mlA:1>")
+    assert max_diff(first.image, reference.image) <= 2
+    assert "Multi-LoRA text encoder: First" in first.infotext
+    assert max_diff(gen(webui, AB).image, gen(webui, AB).image) == 0
+
+
+def test_text_encoder_none_keeps_static_loras(webui: WebuiClient) -> None:
+    none = gen(webui, AB, **ml(method="Composite", loras="mlA", text_encoder="None"))
+    reference = gen(webui, f"{PROMPT} <lora:mlA:0:1> <lora:mlB:1>")
+    assert max_diff(none.image, reference.image) <= 2
+
+
+def test_plain_generation_after_text_encoder_policy_is_unchanged(webui: WebuiClient) -> None:
+    before = gen(webui, AB)
+    fingerprint = webui.get("/multilora-probe/fingerprint")
+    gen(webui, AB, **ml(method="Composite", text_encoder="None"))
+    assert max_diff(gen(webui, AB).image, before.image) == 0
+    assert webui.get("/multilora-probe/fingerprint") == fingerprint
+
+
+HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4}
+HIRES["denoising_strength"] = 0.5
+
+
+@pytest.mark.parametrize(
+    ("mode", "hires_active"),
+    [("Restart", [[0], [1], [2], [0]]), ("Continue", [[2], [0], [1], [2]]), ("Off", [])],
+)
+def test_hires_pass_modes(webui: WebuiClient, mode: str, hires_active: list[list[int]]) -> None:
+    # hires: 4 steps at denoising 0.5 run 3 sampler steps, 4 denoiser calls with Euler's final one
+    result = gen(webui, ABC, **HIRES, **ml(method="Switch", tau=1, hires=mode))
+    calls = trace(webui)
+    assert [c["active"] for c in calls[:STEPS]] == [[i % 3] for i in range(STEPS)]
+    assert [c["active"] for c in calls[STEPS:]] == hires_active
+    assert result.image.shape[:2] == (128, 128)
