@@ -153,6 +153,10 @@ def start_pass(p: Any) -> None:
     if resolved is None:
         return
     args, loaded, composed = resolved
+    conflict = host_conflict()
+    if conflict:
+        warn(p, f"{conflict}; running without Multi-LoRA")
+        return
     offset = 0
     if getattr(p, "is_hr_pass", False):
         if args.hires == "Off":
@@ -170,6 +174,22 @@ def start_pass(p: Any) -> None:
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
     install(p, args, loaded, composed, engine, offset)
+
+
+def host_conflict() -> str | None:
+    """Setups where per-pass LoRA hooks would be wrong or never run; detected, refused, said out loud."""
+    from modules import sd_unet
+
+    networks = builtin_networks()
+    if sd_unet.current_unet is not None:
+        return f"the UNet is replaced by {type(sd_unet.current_unet).__name__} (TensorRT/sd_unet), hooks cannot run"
+    for layer, patched in ((nn.Linear, networks.network_Linear_forward), (nn.Conv2d, networks.network_Conv2d_forward)):
+        if layer.forward is not patched:
+            return (
+                f"another extension replaced torch.nn.{layer.__name__}.forward (Regional Prompter latent mode or "
+                "composable-lora?) and applies LoRAs itself"
+            )
+    return None
 
 
 def network_names(net: Any) -> frozenset[str]:

@@ -20,6 +20,7 @@ from .args import (
     field_names,
     label_of,
 )
+from .preview import preview_text
 
 SECTION = ("multilora", "Multi-LoRA Composition")
 
@@ -69,6 +70,7 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
             hires = gr.Radio(
                 list(HIRES_MODES), value=MultiLoraArgs.hires, label="Hires pass", elem_id=f"{tab}_multilora_hires"
             )
+        preview = gr.Markdown("", elem_id=f"{tab}_multilora_preview")
     components = {
         "enabled": enabled,
         "method": method,
@@ -78,6 +80,7 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
         "text_encoder": text_encoder,
         "hires": hires,
     }
+    wire_preview(script, preview, enabled, components)
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
         (components[name], label_of(name)) for name in field_names() if name != "enabled"
@@ -105,3 +108,23 @@ def on_ui_settings() -> None:
     for name, option in options.items():
         option.section = SECTION
         shared.opts.add_option(name, option)
+
+
+def wire_preview(script: Any, preview: Any, enabled: Any, components: dict[str, Any]) -> None:
+    """Refresh the schedule preview when the prompt, steps or panel change (prompt and steps are the webui's own
+    components, captured by the script's ``after_component``)."""
+    prompt, steps = getattr(script, "prompt_component", None), getattr(script, "steps_component", None)
+    if prompt is None or steps is None:
+        return
+    names = [n for n in field_names() if n != "enabled"]
+    inputs = [prompt, steps, enabled, *(components[n] for n in names)]
+
+    def update(prompt_text: str, steps_value: float, enabled_value: bool, *values: Any) -> str:
+        try:
+            args = MultiLoraArgs.from_dict({"enabled": enabled_value, **dict(zip(names, values, strict=True))})
+        except ValueError as e:
+            return f"Will fall back to Merge: {e}"
+        return preview_text(prompt_text or "", int(steps_value or 0), args)
+
+    for component in inputs:
+        component.change(fn=update, inputs=inputs, outputs=[preview], show_progress=False)

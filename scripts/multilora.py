@@ -20,6 +20,14 @@ class MultiLoraScript(scripts.Script):
     def show(self, is_img2img: bool) -> Any:
         return scripts.AlwaysVisible if show_in_img2img() or not is_img2img else False
 
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        """Keep the tab's prompt and steps components: the schedule preview reads them."""
+        elem_id = kwargs.get("elem_id") or ""
+        if elem_id.endswith("2img_prompt"):
+            self.prompt_component = component
+        elif elem_id.endswith("2img_steps"):
+            self.steps_component = component
+
     def ui(self, is_img2img: bool) -> list[Any]:
         return build_panel(self, is_img2img)
 

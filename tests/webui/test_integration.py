@@ -129,3 +129,15 @@ def test_hires_pass_modes(webui: WebuiClient, mode: str, hires_active: list[list
     assert [c["active"] for c in calls[:STEPS]] == [[i % 3] for i in range(STEPS)]
     assert [c["active"] for c in calls[STEPS:]] == hires_active
     assert result.image.shape[:2] == (128, 128)
+
+
+def test_foreign_linear_patch_is_detected_and_refused(webui: WebuiClient) -> None:
+    plain = gen(webui, AB)
+    assert webui.post("/multilora-probe/foreign-linear-patch", {"on": True})["patched"]
+    try:
+        result = gen(webui, AB, **ml(method="Composite"))
+    finally:
+        assert not webui.post("/multilora-probe/foreign-linear-patch", {"on": False})["patched"]
+    assert max_diff(plain.image, result.image) == 0
+    assert "replaced torch.nn.Linear.forward" in result.infotext and "Multi-LoRA method" not in result.infotext
+    assert "Multi-LoRA method: Composite" in gen(webui, AB, **ml(method="Composite")).infotext

@@ -3,8 +3,10 @@
 Loaded by the real-webui tier only (linked into the test data dir's extensions). Endpoints:
 - ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices and, for Composite,
   how far the returned output is from the mean of freshly recomputed single-LoRA outputs.
-- ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, the number of forward
-  hooks on them, and the built-in's loaded networks: equal before and after a generation means no trace was left.
+- ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, one of what the built-in
+  records as merged into each layer (``network_current_names``: a mismatch would make it skip a needed re-merge), the
+  number of forward hooks on them, and the built-in's loaded networks: equal before and after a generation means no
+  trace was left.
 """
 
 from __future__ import annotations
@@ -50,16 +52,20 @@ def fingerprint() -> dict[str, Any]:
     import networks
 
     model = shared.sd_model
-    digest = hashlib.sha256()
+    digest, merged = hashlib.sha256(), hashlib.sha256()
     hooks = 0
     for root in (model.model, model.cond_stage_model):
         for name, module in root.named_modules():
             hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            current = getattr(module, "network_current_names", ())
+            if current:  # what the built-in believes is merged into this layer; () and absent mean the same
+                merged.update(f"{name}={current!r}".encode())
             for pname, param in module.named_parameters(recurse=False):
                 digest.update(f"{name}.{pname}".encode())
                 digest.update(param.detach().float().cpu().numpy().tobytes())
     return {
         "weights": digest.hexdigest(),
+        "merged": merged.hexdigest(),
         "hooks": hooks,
         "networks": [[n.name, n.te_multiplier, n.unet_multiplier] for n in networks.loaded_networks],
         "inner_model": type(getattr(model, "model", None)).__name__,
@@ -70,6 +76,21 @@ def on_app_started(_demo: Any, app: Any) -> None:
     @app.get("/multilora-probe/trace")
     def trace() -> dict[str, Any]:
         return LAST
+
+    @app.post("/multilora-probe/foreign-linear-patch")
+    def foreign_linear_patch(body: dict[str, Any]) -> dict[str, bool]:
+        """Stand in for an extension (composable-lora, Regional Prompter latent) that replaces Linear.forward."""
+        current = torch.nn.Linear.forward
+        if body.get("on") and not hasattr(current, "multilora_probe_original"):
+
+            def foreign_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+                return current(self, x)
+
+            foreign_forward.multilora_probe_original = current
+            torch.nn.Linear.forward = foreign_forward
+        elif not body.get("on") and hasattr(current, "multilora_probe_original"):
+            torch.nn.Linear.forward = current.multilora_probe_original
+        return {"patched": hasattr(torch.nn.Linear.forward, "multilora_probe_original")}
 
     @app.get("/multilora-probe/fingerprint")
     def get_fingerprint() -> dict[str, Any]:

@@ -1,0 +1,36 @@
+"""The panel's schedule preview: which LoRA runs at which step, computed from the prompt text alone."""
+
+from __future__ import annotations
+
+import re
+
+from .args import MultiLoraArgs
+from .schedule import describe_schedule
+from .tags import TAG_NAME, apply_tags
+
+_LORA = re.compile(r"<lora:([^:>]+)[^>]*>")
+_TAG = re.compile(rf"<{TAG_NAME}:([^<>]+)>", re.IGNORECASE)
+
+
+def prompt_loras(prompt: str) -> list[str]:
+    """``<lora:name...>`` names in prompt order, each once (the order LoRA Switch cycles in)."""
+    return list(dict.fromkeys(m.group(1).strip() for m in _LORA.finditer(prompt)))
+
+
+def preview_text(prompt: str, steps: int, args: MultiLoraArgs) -> str:
+    """One line for the panel: the effective method and, for Switch, the step ranges of each LoRA."""
+    args, warnings = apply_tags(args, [m.group(1).split(":") for m in _TAG.finditer(prompt)])
+    if not args.enabled:
+        return "Off: every <lora> is merged (the webui's normal behaviour)."
+    problems = args.problems() + warnings
+    if problems:
+        return "Will fall back to Merge: " + "; ".join(problems)
+    names = prompt_loras(prompt)
+    if args.lora_names:
+        wanted = {n.lower() for n in args.lora_names}
+        names = [n for n in names if n.lower() in wanted]
+    if not names:
+        return "No <lora> tags to compose in the prompt."
+    if args.method == "Composite":
+        return f"Composite, every step: mean of {' | '.join(names)} ({len(names)} UNet passes per step)."
+    return f"Switch every {args.tau} of {steps} steps: {describe_schedule(steps, args.tau, names)}"

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from lib_multilora.args import MultiLoraArgs
+from lib_multilora.preview import preview_text, prompt_loras
+
+PROMPT = "a cat <lora:charA:0.8>, <lora:outfitB:1:0.5> <lora:charA:1> <lora:styleC>"
+
+
+def test_prompt_loras_in_order_once() -> None:
+    assert prompt_loras(PROMPT) == ["charA", "outfitB", "styleC"]
+
+
+def test_switch_preview_lists_step_ranges() -> None:
+    text = preview_text(PROMPT, 12, MultiLoraArgs(True, "Switch", 4))
+    assert text == "Switch every 4 of 12 steps: charA: 0-3 | outfitB: 4-7 | styleC: 8-11"
+
+
+def test_composite_preview_and_subset() -> None:
+    text = preview_text(PROMPT, 20, MultiLoraArgs(True, "Composite", loras="styleC, charA"))
+    assert text == "Composite, every step: mean of charA | styleC (2 UNet passes per step)."
+
+
+def test_tags_in_prompt_win_and_problems_show() -> None:
+    assert preview_text(PROMPT + " <multilora:switch:6>", 12, MultiLoraArgs()).startswith("Switch every 6 of 12")
+    assert preview_text(PROMPT, 12, MultiLoraArgs()).startswith("Off")
+    assert "fall back" in preview_text(PROMPT + " <multilora:switch:x>", 12, MultiLoraArgs(True))
+    assert preview_text("a cat", 12, MultiLoraArgs(True)).startswith("No <lora>")
