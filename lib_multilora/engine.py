@@ -45,12 +45,30 @@ class LowRankDelta:
     scale: float
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``down`` and ``up * scale`` on ``like``'s device and dtype, made once per (device, dtype): folding the
+        scale in saves a pass over the output on every call."""
+        key = (like.device, like.dtype)
+        out = self._cache.get(key)
+        if out is None:
+            up = self.up.to(device=like.device, dtype=torch.float32) * self.scale
+            out = self._cache[key] = (self.down.to(device=like.device, dtype=like.dtype), up.to(like.dtype))
+        return out
+
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        down, up = _cast(self.down, x, self._cache), _cast(self.up, x, self._cache)
+        down, up = self._factors(x)
         if down.dim() == 4:
             h = F.conv2d(_match_channels(x, down.shape[1]), down, None, module.stride, module.padding, module.dilation)
-            return F.conv2d(h, up) * self.scale
-        return F.linear(F.linear(x, down), up) * self.scale
+            return F.conv2d(h, up)
+        return F.linear(F.linear(x, down), up)
+
+    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + self(module, x)``; on a Linear the add is fused into the second matmul (``addmm``)."""
+        down, up = self._factors(x)
+        if down.dim() == 4:
+            return output + self(module, x)
+        h = F.linear(x, down).reshape(-1, down.shape[0])
+        return torch.addmm(output.reshape(-1, up.shape[0]), h, up.T).view(output.shape)
 
 
 @dataclass
@@ -64,6 +82,9 @@ class DenseDelta:
     compute: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     _delta: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return output + self(module, x)
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._delta is None:
@@ -95,7 +116,8 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
     return out
 
 
-Delta = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_to(module, x, output)`` adds it.
+Delta = LowRankDelta | DenseDelta
 
 
 class StackedLowRank:
@@ -191,7 +213,7 @@ class HookEngine:
         x = args[0]
         if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
             delta = deltas.get(groups[0][0])
-            return None if delta is None else output + delta(module, x)
+            return None if delta is None else delta.add_to(module, x, output)
         if self._rows is not None and x.shape[0] == output.shape[0] == len(groups) * self._rows:
             stacked = self._stacked(module, deltas, groups)
             if stacked is not None:

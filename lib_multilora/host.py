@@ -166,10 +166,12 @@ def start_pass(p: Any) -> None:
     try:
         if not hasattr(p.sd_model, "network_layer_mapping"):
             networks.assign_network_names_to_compvis_modules(p.sd_model)
-        engine = build_engine(composed, p.sd_model.network_layer_mapping)
+        engine, misfits = build_engine(composed, p.sd_model.network_layer_mapping)
     except Exception as e:  # a LoRA type we cannot express: plain behaviour, said out loud
         warn(p, f"cannot apply {', '.join(n.name for n in composed)} per pass ({e}); running without Multi-LoRA")
         return
+    for name, count in misfits.items():
+        warn(p, f"{name}: {count} UNet layer(s) do not fit this model (another base model?); left out, as Merge does")
     untouched = [n.name for k, n in enumerate(composed) if not any(k in d for d in engine.deltas.values())]
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
@@ -199,18 +201,46 @@ def network_names(net: Any) -> frozenset[str]:
     return frozenset(n for n in names if n)
 
 
-def build_engine(composed: list[Any], layer_mapping: dict[str, nn.Module]) -> HookEngine:
-    """Deltas for the UNet layers of each composed LoRA (LoRA k = index k). Text-encoder layers are left to the
-    webui: conditioning is computed with every LoRA before sampling starts."""
+def build_engine(composed: list[Any], layer_mapping: dict[str, nn.Module]) -> tuple[HookEngine, dict[str, int]]:
+    """Deltas for the UNet layers of each composed LoRA (LoRA k = index k), and per LoRA name the number of layers
+    left out because the delta does not fit them. Text-encoder layers are left to the webui: conditioning is computed
+    with every LoRA before sampling starts."""
     engine = HookEngine()
+    misfits: dict[str, int] = {}
     for k, net in enumerate(composed):
         for net_module in net.modules.values():
             if not net_module.sd_key.startswith("diffusion_model"):
                 continue
             module = layer_mapping.get(net_module.sd_key)
-            if module is not None:
+            if module is None:
+                continue
+            if fits(net_module, module):
                 engine.add(module, k, make_delta(net_module, module))
-    return engine
+            else:
+                misfits[net.name] = misfits.get(net.name, 0) + 1
+    return engine, misfits
+
+
+def fits(net_module: Any, module: nn.Module) -> bool:
+    """Whether the webui's merge could add this delta to the layer. A LoRA made for another base model matches layer
+    names with other shapes; the merge skips those layers (its RuntimeError), a hook would fail the whole generation.
+    Same rule as the merge (broadcast onto the weight, 4-channel deltas padded on 9-channel inpainting convs),
+    computed on the meta device: shapes only, no data."""
+    weight = getattr(module, "weight", None)
+    if weight is None:  # no weight to compare with: let the pass try
+        return True
+    try:
+        shape = tuple(net_module.calc_updown(torch.empty_like(weight, device="meta"))[0].shape)
+    except NotImplementedError:  # an op without a meta kernel: no answer, let the pass try
+        return True
+    except RuntimeError:
+        return False
+    if weight.dim() == 4 and weight.shape[1] == 9 and len(shape) == 4 and shape[1] == 4:
+        shape = (shape[0], 9, *shape[2:])
+    try:
+        return torch.broadcast_shapes(shape, tuple(weight.shape)) == weight.shape
+    except RuntimeError:
+        return False
 
 
 def make_delta(net_module: Any, module: nn.Module) -> LowRankDelta | DenseDelta:

@@ -209,8 +209,11 @@ def _module_weights(
     return {f"{module}.{k}": v.to(torch.float16) if k != "alpha" else v for k, v in w.items()}
 
 
-def build_loras(lora_dir: Path, ckpt: Path, seed: int = 0, webui_dir: str | Path | None = None) -> dict[str, LoraInfo]:
-    """Write mlA, mlB, mlC, mlLocon and mlLoha ``.safetensors`` into lora_dir for the checkpoint at ckpt.
+def build_loras(
+    lora_dir: Path, ckpt: Path, seed: int = 0, webui_dir: str | Path | None = None, rank: int = RANK
+) -> dict[str, LoraInfo]:
+    """Write mlA, mlB, mlC, mlLocon and mlLoha ``.safetensors`` of rank ``rank`` into lora_dir for the checkpoint at
+    ckpt (the tests use RANK; the benchmark builds SD1.5-size rank-16 ones).
 
     Raises if any module name would not map onto a layer of the checkpoint under the webui's own name conversion.
     """
@@ -242,12 +245,12 @@ def build_loras(lora_dir: Path, ckpt: Path, seed: int = 0, webui_dir: str | Path
                 if module.endswith("_conv_shortcut"):
                     continue  # only resnets that change channel count have a shortcut conv
                 raise RuntimeError(f"{spec.name}: {module} converts to {layer}, which is not a layer of {ckpt}")
-            tensors.update(_module_weights(module, shapes[layer], spec.kind, RANK, file_seed, spec.strength))
+            tensors.update(_module_weights(module, shapes[layer], spec.kind, rank, file_seed, spec.strength))
             (te_layers if module.startswith("lora_te_") else unet_layers).append(layer)
         metadata = {
             "ss_network_module": "lycoris.kohya" if spec.kind != "lora" else "networks.lora",
-            "ss_network_dim": str(RANK),
-            "ss_network_alpha": str(RANK),
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
             "ss_network_args": json.dumps({"algo": spec.kind}),
             "ss_base_model_version": "sd_v1",
             "ss_output_name": spec.name,
@@ -258,7 +261,137 @@ def build_loras(lora_dir: Path, ckpt: Path, seed: int = 0, webui_dir: str | Path
             name=spec.name,
             path=path,
             kind=spec.kind,
-            rank=RANK,
+            rank=rank,
+            n_unet_modules=len(unet_layers),
+            n_te_modules=len(te_layers),
+            unet_layers=tuple(unet_layers),
+            te_layers=tuple(te_layers),
+        )
+    return infos
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SDXL
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Kohya's SDXL LoRA targets in the UNet: every Transformer2DModel's proj_in/proj_out (linear on SDXL), attention
+#: linears and feed-forward, named by the sgm layer path (kohya's SDXL UNet keeps the original layout).
+SDXL_UNET_TARGET = re.compile(
+    r"^diffusion_model_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_"
+    r"(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_(?:to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))$"
+)
+
+#: The SDXL test LoRAs: plain LoRA on the UNet and both text encoders; they differ in seed, so their effects differ.
+SDXL_SPECS: tuple[_Spec, ...] = (
+    _Spec("mlxA", "lora", 11, frozenset({"attn", "ff", "proj"}), frozenset({"attn", "mlp"})),
+    _Spec("mlxB", "lora", 12, frozenset({"attn", "ff", "proj"}), frozenset({"attn", "mlp"})),
+)
+
+
+def sdxl_layer_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Weight shapes by webui network layer name on SDXL (assign_network_names_to_compvis_modules prefixes each text
+    encoder's layers with its embedder index); OpenCLIP's attention is one MultiheadAttention layer (``..._attn``)
+    with the q/k/v projections stacked in ``in_proj_weight``."""
+    from safetensors import safe_open
+
+    prefixes = {
+        "model.diffusion_model.": "diffusion_model.",
+        "conditioner.embedders.0.transformer.": "0.transformer.",
+        "conditioner.embedders.1.model.": "1.model.",
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    with safe_open(str(ckpt), framework="pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None or not key.endswith(("weight", ".in_proj_weight")):
+                continue
+            stem = key.removesuffix(".in_proj_weight").removesuffix(".weight")
+            layer = prefixes[prefix] + stem[len(prefix) :]
+            shapes[layer.replace(".", "_")] = tuple(fh.get_slice(key).get_shape())
+    return shapes
+
+
+def resolve_sdxl_module(
+    module: str, convert: Callable[[str, bool], str], shapes: dict[str, tuple[int, ...]]
+) -> tuple[str, tuple[int, ...]] | None:
+    """(network layer name, weight shape) the built-in Lora extension gives a kohya SDXL module, or None.
+
+    The lookup order of networks.load_network on SDXL: the webui's name conversion (which maps ``lora_te2_`` to the
+    OpenCLIP layers), then a q/k/v projection onto its MultiheadAttention, then the sgm-named ``lora_unet_`` and
+    ``lora_te1_text_model`` spellings.  A q/k/v projection's shape is one third of ``in_proj_weight``.
+    """
+    key = convert(module, False)
+    if key in shapes:
+        return key, shapes[key]
+    m = re.match(r"(.*)_([qkv]_proj)$", key)
+    if m and m.group(1) in shapes:
+        out_dim, in_dim = shapes[m.group(1)]
+        return key, (out_dim // 3, in_dim)
+    if module.startswith("lora_unet_"):
+        key = "diffusion_model_" + module[len("lora_unet_") :]
+    elif module.startswith("lora_te1_text_model_"):
+        key = "0_transformer_text_model_" + module[len("lora_te1_text_model_") :]
+    return (key, shapes[key]) if key in shapes else None
+
+
+def sdxl_kohya_modules(shapes: dict[str, tuple[int, ...]], te_groups: set[str]) -> Iterator[str]:
+    """Kohya SDXL module names: sgm-path UNet names, and HF CLIP names for both text encoders (``lora_te1_``,
+    ``lora_te2_``; kohya loads OpenCLIP-G as a transformers CLIPTextModelWithProjection)."""
+    yield from ("lora_unet_" + layer[len("diffusion_model_") :] for layer in shapes if SDXL_UNET_TARGET.match(layer))
+    n_layers = {
+        te: 1 + max(int(m.group(1)) for k in shapes if (m := re.match(pattern, k)))
+        for te, pattern in (
+            ("te1", r"0_transformer_text_model_encoder_layers_(\d+)_"),
+            ("te2", r"1_model_transformer_resblocks_(\d+)_"),
+        )
+    }
+    for te, count in n_layers.items():
+        for name in diffusers_te_modules(count, te_groups):
+            yield name.replace("lora_te_", f"lora_{te}_", 1)
+
+
+def build_sdxl_loras(
+    lora_dir: Path, ckpt: Path, seed: int = 0, webui_dir: str | Path | None = None, rank: int = RANK
+) -> dict[str, LoraInfo]:
+    """Write the kohya-format SDXL LoRAs mlxA and mlxB (plain, rank ``rank``) for the SDXL checkpoint at ckpt.
+
+    Raises if any module would not land on a layer of the checkpoint under the built-in Lora extension's SDXL lookup.
+    """
+    from safetensors.torch import save_file
+
+    webui = resolve_webui_dir(webui_dir)
+    convert = load_webui_name_converter(webui)
+    shapes = sdxl_layer_shapes(Path(ckpt))
+    lora_dir = Path(lora_dir)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+
+    infos: dict[str, LoraInfo] = {}
+    for spec in SDXL_SPECS:
+        tensors: dict[str, torch.Tensor] = {}
+        unet_layers: list[str] = []
+        te_layers: list[str] = []
+        file_seed = seed * 100 + spec.seed_offset
+        for module in sdxl_kohya_modules(shapes, set(spec.te_groups)):
+            resolved = resolve_sdxl_module(module, convert, shapes)
+            if resolved is None:
+                raise RuntimeError(f"{spec.name}: {module} matches no layer of {ckpt}")
+            layer, shape = resolved
+            tensors.update(_module_weights(module, shape, spec.kind, rank, file_seed, spec.strength))
+            (unet_layers if layer.startswith("diffusion_model_") else te_layers).append(layer)
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_output_name": spec.name,
+        }
+        path = lora_dir / f"{spec.name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        infos[spec.name] = LoraInfo(
+            name=spec.name,
+            path=path,
+            kind=spec.kind,
+            rank=rank,
             n_unet_modules=len(unet_layers),
             n_te_modules=len(te_layers),
             unet_layers=tuple(unet_layers),

@@ -313,3 +313,165 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SDXL
+# --------------------------------------------------------------------------------------------------------------------
+
+SDXL_NAME = "tiny-sdxl"
+
+#: Shrunk SDXL UNet: SDXL's 3 levels, attention on the last two only, linear proj_in/proj_out and a transformer depth
+#: that grows with the level (SDXL: 1, 2, 10), so kohya's sgm-style LoRA names (input_blocks_4_1_..., output_blocks_0_1_
+#: ..., transformer_blocks_1_...) exist exactly as they do on SDXL.  Channels are multiples of 32 (GroupNorm groups).
+TINY_SDXL_UNET: dict[str, Any] = {
+    "model_channels": 32,
+    "num_head_channels": 32,
+    "transformer_depth": [1, 1, 2],
+}
+
+#: The OpenCLIP text tower (SDXL's second text encoder) is built by open_clip from an architecture name; only names in
+#: open_clip's bundled model_configs/ are accepted, and this is the smallest text tower among them (10 layers, width
+#: 256: ~21M parameters instead of bigG's ~700M).
+TINY_SDXL_OPENCLIP_ARCH = "ViT-S-32-alt"
+
+
+def _sdxl_base_config_path(webui_dir: Path) -> Path:
+    """webui 1.10 takes SDXL's config from the generative-models repository (modules/sd_models_config.py)."""
+    path = webui_dir / "repositories" / "generative-models" / "configs" / "inference" / "sd_xl_base.yaml"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: the webui's repositories/generative-models must be populated")
+    return path
+
+
+@contextlib.contextmanager
+def _sgm_on_path(webui_dir: Path) -> Iterator[None]:
+    """Make the webui's sgm importable; sgm prints chatter on import/instantiation, which is muted."""
+    repo = _sdxl_base_config_path(webui_dir).parents[2]
+    added = str(repo) not in sys.path
+    if added:
+        sys.path.insert(0, str(repo))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if added:
+            sys.path.remove(str(repo))
+
+
+def _openclip_text_dims(arch: str) -> tuple[int, int]:
+    """(text width, pooled size) of an open_clip architecture: the cross-attention and vector contributions."""
+    import open_clip
+
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise RuntimeError(f"open_clip has no model config named {arch!r}")
+    return int(config["text_cfg"]["width"]), int(config["embed_dim"])
+
+
+def make_sdxl_config(
+    webui_dir: Path,
+    clip_folder: Path,
+    clip: dict[str, Any],
+    unet: dict[str, Any] | None = None,
+    vae: dict[str, Any] | None = None,
+    openclip_arch: str = TINY_SDXL_OPENCLIP_ARCH,
+) -> dict[str, Any]:
+    """The webui's sd_xl_base config, shrunk: the UNet's context/vector sizes follow the two text encoders.
+
+    context_dim is the concatenation of both encoders' hidden states; adm_in_channels is the pooled OpenCLIP output
+    plus every ConcatTimestepEmbedderND's output (outdim per element of a 2-element size/crop tuple).
+    """
+    import yaml
+
+    with open(_sdxl_base_config_path(webui_dir), encoding="utf-8") as fh:
+        config = yaml.safe_load(fh)
+    params = config["model"]["params"]
+    embedders = params["conditioner_config"]["params"]["emb_models"]
+    clip_l, open_clip_g = embedders[0], embedders[1]
+    targets = (clip_l["target"].rsplit(".", 1)[-1], open_clip_g["target"].rsplit(".", 1)[-1])
+    if targets != ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2"):
+        raise RuntimeError(f"unexpected sd_xl_base.yaml: text embedders {targets}")
+    # CLIP-L from a local folder; "hidden" at the penultimate layer, as SDXL (layer_idx 11 of 12)
+    clip_l["params"].update({"version": str(clip_folder.resolve()), "layer_idx": clip["num_hidden_layers"] - 1})
+    # no pretrained tag: nothing to download even outside the webui's DisableInitialization
+    open_clip_g["params"].update({"arch": openclip_arch, "version": None})
+    width, pooled = _openclip_text_dims(openclip_arch)
+    vector = pooled + sum(
+        2 * int(e["params"]["outdim"]) for e in embedders if e["target"].endswith(".ConcatTimestepEmbedderND")
+    )
+    network = params["network_config"]["params"]
+    network.update(unet or {})
+    network.update({"context_dim": clip["hidden_size"] + width, "adm_in_channels": vector})
+    params["first_stage_config"]["params"]["ddconfig"].update(vae or {})
+    return config
+
+
+def _sdxl_shape_state_dict(webui_dir: Path, config: dict[str, Any], clip_config: Any) -> dict[str, torch.Tensor]:
+    """Instantiate the SDXL parts with sgm/open_clip/transformers on the meta device; sgm checkpoint prefixes."""
+    import open_clip
+    from transformers import CLIPTextModel
+
+    params = config["model"]["params"]
+    arch = params["conditioner_config"]["params"]["emb_models"][1]["params"]["arch"]
+    with _sgm_on_path(webui_dir), torch.device("meta"):
+        from sgm.util import instantiate_from_config
+
+        unet = instantiate_from_config(params["network_config"])
+        vae = instantiate_from_config(params["first_stage_config"])
+        clip_l = CLIPTextModel(clip_config)
+        clip_g = open_clip.create_model(arch, pretrained=None, device=torch.device("meta"))
+    del clip_g.visual  # as FrozenOpenCLIPEmbedder2 does: checkpoints hold the text tower only
+
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, module in (
+        ("model.diffusion_model.", unet),
+        ("first_stage_model.", vae),
+        ("conditioner.embedders.0.transformer.", clip_l),
+        ("conditioner.embedders.1.model.", clip_g),
+    ):
+        for key, value in module.state_dict().items():
+            sd[prefix + key] = value
+    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.empty(1, 77, dtype=torch.int64)
+    return sd
+
+
+def _tame_openclip_residuals(sd: dict[str, torch.Tensor]) -> None:
+    """Scale the OpenCLIP tower's residual-branch outputs by 1/sqrt(2 * layers) (GPT-2's init rule), in place.
+
+    SDXL feeds the penultimate hidden state to cross-attention without a final LayerNorm. With plain fan-in init the
+    residual stream of the 10-layer random tower grows to std ~3.4, which makes the random UNet chaotic: float
+    rounding (batched vs sequential Composite) then grows into visible pixel differences over the steps.
+    """
+    prefix = "conditioner.embedders.1.model.transformer.resblocks."
+    suffixes = (".attn.out_proj.weight", ".mlp.c_proj.weight")
+    branch_outputs = [k for k in sd if k.startswith(prefix) and k.endswith(suffixes)]
+    n_layers = len({k[len(prefix) :].split(".", 1)[0] for k in branch_outputs})
+    for key in branch_outputs:
+        sd[key] = sd[key] / math.sqrt(2 * n_layers)
+
+
+def build_tiny_sdxl(dir: Path, seed: int = 0, webui_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``tiny-sdxl.safetensors`` + ``tiny-sdxl.yaml`` + ``tiny-sdxl-clip-l/`` into ``dir``; return the checkpoint.
+
+    An SDXL-architecture model in the original sgm key layout, so the webui loads it as SDXL (``is_sdxl``, both text
+    encoders, size/crop vector conditioning) and the built-in Lora extension names its layers as on SDXL, yet it is
+    ~35M parameters and makes a 64x64 image in about a second on a CPU.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    webui = resolve_webui_dir(webui_dir)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    clip_folder = dir / f"{SDXL_NAME}-clip-l"
+    clip_config = write_clip_folder(clip_folder, TINY_CLIP)
+    config = make_sdxl_config(webui, clip_folder, TINY_CLIP, TINY_SDXL_UNET, TINY_VAE)
+    shapes = _sdxl_shape_state_dict(webui, config, clip_config)
+    sd = {key: _random_value(key, meta, seed) for key, meta in shapes.items()}
+    _tame_openclip_residuals(sd)
+    ckpt = dir / f"{SDXL_NAME}.safetensors"
+    save_file(sd, str(ckpt), metadata={"format": "pt", "multilora_test_seed": str(seed)})
+    with open(dir / f"{SDXL_NAME}.yaml", "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    return ckpt

@@ -1,0 +1,340 @@
+"""End-to-end cost of Multi-LoRA in a real webui: Merge vs Switch vs Composite (sequential and batched), and the
+extension enabled with nothing to compose vs absent.
+
+Starts two API-only webui servers on the CPU (tests/webui/server.py): one with this extension, one without (the
+"absent" reference), on an SD1.5-size random model with rank-16 LoRAs (built once into the cache dir; ~2 GB). Cases
+run in blocks that keep the prompt's LoRA set fixed (N=2, N=3, then the no-LoRA idle block, so that no case pays for
+the webui re-merging another set), interleaved with a rotating order, repeated, all with the same seed. Reported
+per case: medians of wall time, of server CPU time (the webui runs one compute thread, so CPU time is the work done,
+hardly affected by other load on a shared machine) and of peak server RSS (VmHWM, reset before each request).
+Ratios come from the CPU-time medians (wall-time ones alongside). The last line is one JSON object.
+
+    SD_WEBUI_DIR=/path/to/webui /path/to/webui/venv/bin/python bench/compare.py [--quick] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.webui.server import PROBE_EXTENSION, PROBE_LINK_NAME, WebuiClient, WebuiServer, webui_dir_from_env  # noqa: E402
+
+TITLE = "Multi-LoRA Composition"
+PROMPT = "a photo of a cat"
+LORAS = ("mlA", "mlB", "mlC")
+SEED = 1234
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_CACHE = Path.home() / ".cache" / "sd-webui-multilora" / "bench"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# assets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_assets(cache: Path, quick: bool, rank: int, webui_dir: Path) -> tuple[Path, Path, str]:
+    """The checkpoint and LoRA dir, built once per (model, rank) into ``cache``; returns (ckpt, lora_dir, name)."""
+    from tests.webui.tiny_lora import build_loras
+    from tests.webui.tiny_model import SD15_NAME, TINY_NAME, build_sd15_random, build_tiny_sd1
+
+    name, build = (TINY_NAME, build_tiny_sd1) if quick else (SD15_NAME, build_sd15_random)
+    model_dir = cache / name
+    ckpt = model_dir / f"{name}.safetensors"
+    done = model_dir / "complete"
+    if not done.exists():
+        log(f"building {name} into {model_dir} (once)")
+        build(model_dir, seed=0, webui_dir=webui_dir)
+        done.touch()
+    lora_dir = model_dir / f"lora-rank{rank}"
+    lora_done = lora_dir / "complete"
+    if not lora_done.exists():
+        log(f"building rank-{rank} LoRAs into {lora_dir} (once)")
+        build_loras(lora_dir, ckpt, seed=0, webui_dir=webui_dir, rank=rank)
+        lora_done.touch()
+    return ckpt, lora_dir, name
+
+
+class BenchServer(WebuiServer):
+    """The test tier's server with only the status probe (``wait_ready`` polls it): the trace probes' observers
+    re-run the UNet to check every Composite call, which would be timed too."""
+
+    def prepare_data_dir(self) -> None:
+        scripts = self.data_dir / "bench-probe" / "scripts"
+        scripts.mkdir(parents=True, exist_ok=True)
+        (scripts / "multilora_probe.py").symlink_to(PROBE_EXTENSION / "scripts" / "multilora_probe.py")
+        (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "extensions" / PROBE_LINK_NAME).symlink_to(scripts.parent, target_is_directory=True)
+        super().prepare_data_dir()  # links the extension (main server) and writes the settings; keeps our probe
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# measuring one request
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM of a process, in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of a process so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15 of proc(5))
+
+
+def reset_peak(pid: int) -> None:
+    """Reset VmHWM to the current RSS (proc(5): writing 5 to clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    peak_mb: float
+    rss_before_mb: float
+
+
+@dataclass
+class Case:
+    """One generation setting: which server, prompt and script args, and what its infotext must show."""
+
+    name: str
+    server: str  # "main" | "absent"
+    prompt: str
+    script: dict[str, Any] | None
+    expect: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+def multilora(**args: Any) -> dict[str, Any]:
+    """Named script args (the dict form the extension reads): independent of the panel's component order."""
+    return {TITLE: {"args": [{"enabled": True, **args}]}}
+
+
+def run(
+    case: Case, servers: dict[str, WebuiServer], clients: dict[str, WebuiClient], payload: dict[str, Any]
+) -> Sample:
+    server, client = servers[case.server], clients[case.server]
+    pid = server.proc.pid
+    body = {**payload, "prompt": case.prompt}
+    if case.script is not None:
+        body["alwayson_scripts"] = case.script
+    reset_peak(pid)
+    before = proc_status(pid)["VmRSS"]
+    cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
+    result = client.txt2img(**body)
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds(pid) - cpu0
+    peak = proc_status(pid)["VmHWM"]
+    for text in case.expect:
+        if text not in result.infotext:
+            raise RuntimeError(f"{case.name}: {text!r} not in infotext {result.infotext!r}")
+    for text in case.forbid:
+        if text in result.infotext:
+            raise RuntimeError(f"{case.name}: {text!r} in infotext {result.infotext!r}")
+    return Sample(wall, cpu, peak / 1024, before / 1024)
+
+
+def blocks(n_values: list[int], tau: int) -> list[list[Case]]:
+    """The cases, in blocks within which the prompt's LoRA set (and so the webui's merged weights) stays the same."""
+    out = []
+    for n in n_values:
+        prompt = f"{PROMPT} " + " ".join(f"<lora:{name}:0.8>" for name in LORAS[:n])
+        out.append(
+            [
+                Case(f"merge_n{n}", "main", prompt, None, forbid=("Multi-LoRA",)),
+                Case(
+                    f"switch_n{n}", "main", prompt, multilora(method="Switch", tau=tau), ("Multi-LoRA method: Switch",)
+                ),
+                Case(
+                    f"composite_seq_n{n}",
+                    "main",
+                    prompt,
+                    multilora(method="Composite", execution="Sequential"),
+                    ("Multi-LoRA method: Composite",),
+                    ("composite execution", "Multi-LoRA warning"),
+                ),
+                Case(
+                    f"composite_batched_n{n}",
+                    "main",
+                    prompt,
+                    multilora(method="Composite", execution="Batched"),
+                    ("Multi-LoRA composite execution: Batched",),
+                    ("Multi-LoRA warning",),
+                ),
+            ]
+        )
+    out.append(
+        [
+            Case("idle", "main", PROMPT, multilora(method="Composite"), ("no <lora",), ("Multi-LoRA method",)),
+            Case("absent", "absent", PROMPT, None, forbid=("Multi-LoRA",)),
+        ]
+    )
+    return out
+
+
+def measure(
+    all_blocks: list[list[Case]],
+    servers: dict[str, WebuiServer],
+    clients: dict[str, WebuiClient],
+    payload: dict[str, Any],
+    repeats: int,
+) -> None:
+    """Per block: one 1-step warm-up call per case (loads and merges the LoRAs), then ``repeats`` rounds with the
+    case order rotated each round."""
+    for block in all_blocks:
+        log(f"block {', '.join(c.name for c in block)}: warm-up (1 step each), then {repeats} rounds")
+        for case in block:
+            run(case, servers, clients, {**payload, "steps": 1})
+        for r in range(repeats):
+            for case in block[r % len(block) :] + block[: r % len(block)]:
+                sample = run(case, servers, clients, payload)
+                case.samples.append(sample)
+                log(f"  {case.name}: wall {sample.wall:.2f} s, cpu {sample.cpu:.2f} s, peak {sample.peak_mb:.0f} MB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ratios(by_name: dict[str, Case], n_values: list[int], attr: str) -> dict[str, Any]:
+    """The headline ratios (worst over N) and per-N ones, from the medians of ``attr``."""
+    per_n = {}
+    for n in n_values:
+        merge, switch = by_name[f"merge_n{n}"], by_name[f"switch_n{n}"]
+        seq, batched = by_name[f"composite_seq_n{n}"], by_name[f"composite_batched_n{n}"]
+        per_n[str(n)] = {
+            "switch_over_merge": switch.median(attr) / merge.median(attr),
+            "composite_seq_over_n_merge": seq.median(attr) / (n * merge.median(attr)),
+            "composite_batched_over_seq": batched.median(attr) / seq.median(attr),
+            "composite_peak_mem_over_merge": seq.median("peak_mb") / merge.median("peak_mb"),
+            "composite_batched_peak_mem_over_merge": batched.median("peak_mb") / merge.median("peak_mb"),
+        }
+    worst = {key: max(r[key] for r in per_n.values()) for key in next(iter(per_n.values()))}
+    idle = by_name["idle"].median(attr) / by_name["absent"].median(attr)
+    return {**worst, "idle_over_absent": idle, "by_n": per_n}
+
+
+def print_table(cases: list[Case]) -> None:
+    print(f"{'case':<24}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}{'peak-before MB':>16}  samples (cpu s)")
+    for case in cases:
+        cpu = ", ".join(f"{s.cpu:.2f}" for s in case.samples)
+        delta = statistics.median(s.peak_mb - s.rss_before_mb for s in case.samples)
+        print(
+            f"{case.name:<24}{case.median('wall'):>9.2f}{case.median('cpu'):>9.2f}{case.median('peak_mb'):>13.0f}"
+            f"{delta:>16.0f}  {cpu}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and 2 repeats: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds per block (default 3; quick 2)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--tau", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--n", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="LoRAs composed")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_CACHE, help=f"asset cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--start-timeout", type=float, default=1200.0)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    webui_dir = webui_dir_from_env()
+    if webui_dir is None:
+        parser.error("set SD_WEBUI_DIR to a webui 1.10.x checkout (and run this with the webui's python)")
+
+    ckpt, lora_dir, model = build_assets(args.model_dir, args.quick, args.rank, webui_dir)
+    payload = {"width": args.size, "height": args.size, "steps": args.steps, "seed": SEED, "cfg_scale": 7}
+    all_blocks = blocks(args.n, args.tau)
+    with tempfile.TemporaryDirectory(prefix="multilora-bench-") as tmp:
+        servers = {
+            kind: BenchServer(
+                webui_dir=webui_dir,
+                data_dir=Path(tmp) / kind,
+                ckpt=ckpt,
+                lora_dir=lora_dir,
+                with_extension=kind == "main",
+            )
+            for kind in ("main", "absent")
+        }
+        clients: dict[str, WebuiClient] = {}
+        try:
+            for kind, server in servers.items():  # one at a time: loading is the memory peak
+                log(f"starting the {kind} webui on {model}")
+                server.start()
+                server.wait_ready(timeout=args.start_timeout)
+                clients[kind] = WebuiClient(server, timeout=3600)
+            measure(all_blocks, servers, clients, payload, repeats)
+        except BaseException:
+            for kind, server in servers.items():
+                print(f"--- {kind} webui log tail ---\n{server.log_tail(3000)}", file=sys.stderr)
+            raise
+        finally:
+            for client in clients.values():
+                client.close()
+            for server in servers.values():
+                server.stop()
+
+    cases = [case for block in all_blocks for case in block]
+    by_name = {case.name: case for case in cases}
+    print()
+    print(
+        f"{model}, {args.size}x{args.size}, {args.steps} steps Euler, rank {args.rank}, tau {args.tau}, CPU, "
+        f"{repeats} rounds (medians)"
+    )
+    print_table(cases)
+    cpu_ratios, wall_ratios = ratios(by_name, args.n, "cpu"), ratios(by_name, args.n, "wall")
+    print()
+    for key, value in cpu_ratios.items():
+        if key != "by_n":
+            print(f"{key:<40}{value:>8.3f} (cpu)  {wall_ratios[key]:>8.3f} (wall)")
+    summary = {
+        "device": "cpu",
+        "model": model,
+        "steps": args.steps,
+        "size": args.size,
+        "n_loras": args.n,
+        "rank": args.rank,
+        "repeats": repeats,
+        "timing": "median server CPU time; ratios worst over n_loras",
+        **cpu_ratios,
+        "wall": wall_ratios,
+        "medians": {
+            c.name: {"wall": c.median("wall"), "cpu": c.median("cpu"), "peak_mb": c.median("peak_mb")} for c in cases
+        },
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
