@@ -42,6 +42,8 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
         out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(missing)}"
         out.composed = []
         return out
-    if len(out.composed) == 1:
+    if len(out.composed) == 1 and not out.warnings:
         out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}): same result as plain <lora>")
+    elif len(out.composed) == 1:
+        out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}) to compose")
     return out

@@ -34,3 +34,8 @@ def test_one_lora_runs_with_a_warning() -> None:
 def test_same_lora_twice_is_composed_once() -> None:
     s = select([net("A"), net("A"), net("B")], [])
     assert s.composed == [0, 2] and "twice" in s.warnings[0]
+
+
+def test_one_lora_loaded_twice_is_not_called_same_as_plain() -> None:
+    s = select([net("A"), net("A")], [])
+    assert s.composed == [0] and "twice" in s.warnings[0] and "same result" not in " ".join(s.warnings)
