@@ -11,7 +11,7 @@ the sampler's ``sample``/``sample_img2img``), and again, idempotently, from ``po
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,6 @@ class Pass:
     wrapper: MethodInner
     sampler: Any
     model: nn.Module
-    trace: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 def on_process(p: Any, script_args: tuple) -> None:
@@ -278,14 +277,6 @@ def install(
     static = [n for n in loaded if all(n is not c for c in composed)]
     denoiser = p.sampler.model_wrap_cfg
     original_inner = denoiser.inner_model
-    trace: list[tuple[int, list[int]]] = []
-    observer = getattr(p, "multilora_observer", None)
-
-    def observe(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
-        trace.append((step, active))
-        if observer is not None:
-            observer(step, active, call, result)
-
     from modules import devices  # the device the webui runs the model on (Auto batches on CUDA only)
 
     wrapper = MethodInner(
@@ -295,13 +286,11 @@ def install(
         len(composed),
         args.tau,
         step=lambda: step_offset + sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
-        observer=observe,
+        observer=getattr(p, "multilora_observer", None),  # set by the test probe
         batched=runs_batched(args.execution, devices.device),
         warn=lambda message: warn(p, message),
     )
-    p.multilora_pass = Pass(
-        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, model=p.sd_model, trace=trace
-    )
+    p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, model=p.sd_model)
     p.extra_generation_params.update(args.infotext([n.name for n in composed]))
     builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper
