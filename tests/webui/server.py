@@ -271,6 +271,25 @@ class Result:
         return self.images[0]
 
 
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest per-channel pixel difference of two uint8 images (0..255): "the same image" within float noise."""
+    import numpy as np
+
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-channel pixel difference of two uint8 images (0..255): "a different image" when clearly above 0."""
+    import numpy as np
+
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def trace(webui: WebuiClient) -> list[dict[str, Any]]:
+    """The Multi-LoRA inner-model calls of the last generation, as the test probe recorded them."""
+    return webui.get("/multilora-probe/trace")["calls"]
+
+
 def decode_image(data: str) -> np.ndarray:
     """Base64 PNG (as the API returns it) -> uint8 HxWx3."""
     import numpy as np

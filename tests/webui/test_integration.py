@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON
+from .server import SKIP_REASON, max_diff, trace
 
 if TYPE_CHECKING:
     from .server import WebuiClient
@@ -30,16 +30,8 @@ def ml(**named: Any) -> dict[str, Any]:
     return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
 
 
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
 def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Any:
     return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
-
-
-def trace(webui: WebuiClient) -> list[dict[str, Any]]:
-    return webui.get("/multilora-probe/trace")["calls"]
 
 
 def test_api_accepts_named_dict_and_positional_args_alike(webui: WebuiClient) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON
+from .server import SKIP_REASON, max_diff, mean_diff, trace
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -73,18 +73,6 @@ def multilora(method: str, **named: Any) -> dict[str, Any]:
 
 def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Result:
     return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
-
-
-def trace(webui: WebuiClient) -> list[dict[str, Any]]:
-    return webui.get("/multilora-probe/trace")["calls"]
 
 
 def test_tiny_sdxl_is_loaded_as_sdxl_and_renders(webui: WebuiClient, sdxl: SdxlModel) -> None:
