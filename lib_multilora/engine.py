@@ -1,13 +1,15 @@
 """The delta engine: "LoRA k on rows [a, b)" added to a layer's output through a forward hook.
 
-The webui merges LoRAs into weights; changing which LoRA is active re-merges every touched layer. Here the composed
-LoRAs stay out of the weights and each hooked layer adds ``delta_k(x[a:b])`` to its output rows instead, so
-switching LoRAs between calls costs nothing. Works on plain torch modules; the host glue only builds the deltas.
+The webui merges LoRAs into weights; changing which LoRA is active re-merges every touched layer. Here the weights
+stay as they are and each hooked layer adds ``delta_k(x[a:b])`` to its output rows instead, so switching LoRAs
+between calls costs nothing. A delta may be one LoRA's, or minus the sum of the others' (:func:`complements`) when the
+weights hold them all merged. Works on plain torch modules; the host glue only builds the deltas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -61,6 +63,16 @@ class LowRankDelta:
             h = F.conv2d(_match_channels(x, down.shape[1]), down, None, module.stride, module.padding, module.dilation)
             return F.conv2d(h, up)
         return F.linear(F.linear(x, down), up)
+
+    @classmethod
+    def concat(cls, deltas: Sequence[LowRankDelta], scale: float = 1.0) -> LowRankDelta:
+        """``scale * sum(deltas)`` on one layer as one delta: the factors stacked along the rank, each delta's scale
+        folded into its ``up``, so any number of LoRAs costs the two matmuls of one."""
+        dtype = functools.reduce(torch.promote_types, (d.down.dtype for d in deltas))
+        device = deltas[0].down.device
+        down = torch.cat([d.down.to(device=device, dtype=dtype) for d in deltas])
+        up = torch.cat([(d.up.to(device=device, dtype=torch.float32) * d.scale).to(dtype) for d in deltas], dim=1)
+        return cls(down, up, scale)
 
     def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + self(module, x)``; on a Linear the add is fused into the second matmul (``addmm``)."""
@@ -118,6 +130,18 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
 
 #: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_to(module, x, output)`` adds it.
 Delta = LowRankDelta | DenseDelta
+
+
+def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRankDelta]:
+    """For a layer whose weights hold every one of these LoRAs merged: per LoRA ``k < n``, minus the sum of the
+    *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone. No entry where no
+    other LoRA touches the layer (nothing to take away)."""
+    out = {}
+    for k in range(n):
+        others = [d for j, d in sorted(deltas.items()) if j != k]
+        if others:
+            out[k] = LowRankDelta.concat(others, scale=-1.0)
+    return out
 
 
 class StackedLowRank:

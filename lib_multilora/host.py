@@ -1,16 +1,18 @@
 """Host glue for AUTOMATIC1111 webui 1.10.x: the only module that touches webui internals.
 
-One sampling pass = ``start_pass`` (called from ``process_before_every_sampling``) ... ``finish_pass``. Start takes
-the composed LoRAs out of the built-in ``networks.loaded_networks`` (in place, so it restores clean weights once and
-keeps the others merged), hooks the UNet layers they touch, and swaps the CFG denoiser's inner model for
-:class:`MethodInner`. Finish undoes all three. It runs when the sampler returns or raises (per-instance wrappers of
-the sampler's ``sample``/``sample_img2img``), and again, idempotently, from ``post_sample``, ``postprocess`` and
-``p.close`` so nothing can outlive a generation.
+One sampling pass = ``start_pass`` (called from ``process_before_every_sampling``) ... ``finish_pass``. Start hooks
+the UNet layers the composed LoRAs touch and swaps the CFG denoiser's inner model for :class:`MethodInner`. Plain
+LoRAs stay merged in the weights, as the webui keeps them, and each LoRA's hooks subtract the other composed ones;
+other types are taken out of the built-in ``networks.loaded_networks`` for the pass (in place: clean weights are
+restored once, the rest stays merged) and each LoRA's hooks add its own. Finish undoes all of it. It runs when the
+sampler returns or raises (per-instance wrappers of the sampler's ``sample``/``sample_img2img``), and again,
+idempotently, from ``post_sample``, ``postprocess`` and ``p.close`` so nothing can outlive a generation.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from .args import MERGE, ArgsError, MultiLoraArgs, label_of
-from .engine import DenseDelta, HookEngine, LowRankDelta
+from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, complements
 from .inner import MethodInner, runs_batched
 from .plan import select
 from .schedule import sampling_step
@@ -42,7 +44,7 @@ class Pass:
 
     engine: HookEngine
     original_networks: list[Any]
-    static_networks: list[Any]
+    static_networks: list[Any] | None  # run during the pass with the composed LoRAs taken out; None: kept merged
     denoiser: Any
     original_inner: nn.Module
     wrapper: MethodInner
@@ -140,8 +142,14 @@ def apply_text_encoder_policy(p: Any) -> None:
 
 
 def restore_text_encoder(p: Any) -> None:
-    for net, multiplier in vars(p).pop("multilora_muted_te", []):
+    """Give the muted LoRAs their text encoder multiplier back and merge it into the text encoder right away, as a
+    plain generation leaves it (the UNet's layers are merged on their next forward)."""
+    muted = vars(p).pop("multilora_muted_te", [])
+    for net, multiplier in muted:
         net.te_multiplier = multiplier
+    if muted:
+        mapping = getattr(p.sd_model, "network_layer_mapping", {})
+        remerge(builtin_networks(), (m for name, m in mapping.items() if not name.startswith("diffusion_model")))
 
 
 def start_pass(p: Any) -> None:
@@ -165,16 +173,17 @@ def start_pass(p: Any) -> None:
     try:
         if not hasattr(p.sd_model, "network_layer_mapping"):
             networks.assign_network_names_to_compvis_modules(p.sd_model)
-        engine, misfits = build_engine(composed, p.sd_model.network_layer_mapping)
+        deltas, misfits = collect_deltas(composed, p.sd_model.network_layer_mapping)
     except Exception as e:  # a LoRA type we cannot express: plain behaviour, said out loud
         warn(p, f"cannot apply {', '.join(n.name for n in composed)} per pass ({e}); running without Multi-LoRA")
         return
     for name, count in misfits.items():
         warn(p, f"{name}: {count} UNet layer(s) do not fit this model (another base model?); left out, as Merge does")
-    untouched = [n.name for k, n in enumerate(composed) if not any(k in d for d in engine.deltas.values())]
+    untouched = [n.name for k, n in enumerate(composed) if not any(k in d for d in deltas.values())]
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
-    install(p, args, loaded, composed, engine, offset)
+    keep_merged = all(isinstance(d, LowRankDelta) for per_layer in deltas.values() for d in per_layer.values())
+    install(p, args, loaded, composed, build_engine(deltas, len(composed), keep_merged), keep_merged, offset)
 
 
 def host_conflict() -> str | None:
@@ -200,11 +209,13 @@ def network_names(net: Any) -> frozenset[str]:
     return frozenset(n for n in names if n)
 
 
-def build_engine(composed: list[Any], layer_mapping: dict[str, nn.Module]) -> tuple[HookEngine, dict[str, int]]:
-    """Deltas for the UNet layers of each composed LoRA (LoRA k = index k), and per LoRA name the number of layers
-    left out because the delta does not fit them. Text-encoder layers are left to the webui: conditioning is computed
-    with every LoRA before sampling starts."""
-    engine = HookEngine()
+def collect_deltas(
+    composed: list[Any], layer_mapping: dict[str, nn.Module]
+) -> tuple[dict[nn.Module, dict[int, Delta]], dict[str, int]]:
+    """Per UNet layer, the delta of each composed LoRA touching it (LoRA k = index k), and per LoRA name the number
+    of layers left out because the delta does not fit them. Text-encoder layers are left to the webui: conditioning is
+    computed with every LoRA before sampling starts."""
+    deltas: dict[nn.Module, dict[int, Delta]] = {}
     misfits: dict[str, int] = {}
     for k, net in enumerate(composed):
         for net_module in net.modules.values():
@@ -214,10 +225,23 @@ def build_engine(composed: list[Any], layer_mapping: dict[str, nn.Module]) -> tu
             if module is None:
                 continue
             if fits(net_module, module):
-                engine.add(module, k, make_delta(net_module, module))
+                deltas.setdefault(module, {})[k] = make_delta(net_module, module)
             else:
                 misfits[net.name] = misfits.get(net.name, 0) + 1
-    return engine, misfits
+    return deltas, misfits
+
+
+def build_engine(deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged: bool) -> HookEngine:
+    """The pass's hooks: with ``keep_merged`` (every delta plain low-rank) the composed LoRAs stay merged in the
+    weights, as the webui keeps them between generations, and LoRA k's hook subtracts the others
+    (:func:`complements`), so the pass touches no weight and costs the hooks only. Otherwise (LyCORIS types, DoRA:
+    deltas computed from the weight, which need not add up) the composed LoRAs are taken out of the weights for the
+    pass and LoRA k's hook adds its own delta."""
+    engine = HookEngine()
+    for module, per_layer in deltas.items():
+        for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
+            engine.add(module, k, delta)
+    return engine
 
 
 def fits(net_module: Any, module: nn.Module) -> bool:
@@ -272,9 +296,15 @@ def _low_rank(net_module: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 def install(
-    p: Any, args: MultiLoraArgs, loaded: list[Any], composed: list[Any], engine: HookEngine, step_offset: int
+    p: Any,
+    args: MultiLoraArgs,
+    loaded: list[Any],
+    composed: list[Any],
+    engine: HookEngine,
+    keep_merged: bool,
+    step_offset: int,
 ) -> None:
-    static = [n for n in loaded if all(n is not c for c in composed)]
+    static = None if keep_merged else [n for n in loaded if all(n is not c for c in composed)]
     denoiser = p.sampler.model_wrap_cfg
     original_inner = denoiser.inner_model
     from modules import devices  # the device the webui runs the model on (Auto batches on CUDA only)
@@ -292,7 +322,8 @@ def install(
     )
     p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, model=p.sd_model)
     p.extra_generation_params.update(args.infotext([n.name for n in composed]))
-    builtin_networks().loaded_networks[:] = static
+    if static is not None:
+        builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper
     engine.install()
     for name in SAMPLER_METHODS:
@@ -319,17 +350,19 @@ def finish_pass(p: Any) -> None:
         state.denoiser.model_wrap = state.original_inner
     networks = builtin_networks()
     current, static = networks.loaded_networks, state.static_networks
+    if static is None:  # the composed LoRAs stayed merged: no weight was touched
+        return
     # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner).
     if len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
         current[:] = state.original_networks
-        remerge(networks, state.model)
+        remerge(networks, state.model.modules())
 
 
-def remerge(networks: Any, model: nn.Module) -> None:
-    """Merge the restored list into the layers the pass ran unmerged (UNet, and text encoder under a policy), as a
-    plain generation leaves them; the built-in skips every layer already in that state."""
+def remerge(networks: Any, modules: Iterable[nn.Module]) -> None:
+    """Merge the current list into layers left with another set (the UNet after an unmerged pass, the text encoder
+    after a policy), as a plain generation leaves them; the built-in skips every layer already in that state."""
     with torch.no_grad():
-        for module in model.modules():
+        for module in modules:
             if hasattr(module, "network_current_names"):
                 networks.network_apply_weights(module)
 

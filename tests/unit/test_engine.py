@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib_multilora.engine import DenseDelta, HookEngine, LowRankDelta
+from lib_multilora.engine import DenseDelta, HookEngine, LowRankDelta, complements
 
 torch.manual_seed(0)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -326,3 +326,54 @@ def test_only_touched_layers_are_hooked_and_an_empty_engine_hooks_nothing() -> N
     assert hooked == {"q", "conv_out"}
     eng.remove()
     assert sum(len(m._forward_hooks) for m in net.modules()) == 0
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_complements_on_merged_weights_run_each_lora_alone(n: int) -> None:
+    """The webui keeps every LoRA merged; LoRA k's complement hook takes the others away again, on Linear and conv
+    layers, with mixed ranks and a layer only some LoRAs touch, one LoRA per call and as batched row groups."""
+    torch.manual_seed(10 + n)
+    net = Block()
+    loras = [
+        {
+            net.conv_in: lora_conv(net.conv_in, r=2 + k),
+            net.out: lora_linear_rank(16, 8, r=2 + 2 * k, scale=0.3 + 0.2 * k),
+            **({net.q: lora_linear_rank(8, 8, r=3, scale=0.5)} if k != 1 else {}),
+        }
+        for k in range(n)
+    ]
+    all_merged = copy.deepcopy(net)
+    names = {m: name for name, m in net.named_modules()}
+    with torch.no_grad():
+        for deltas in loras:
+            for module, delta in deltas.items():
+                getattr(all_merged, names[module]).weight += merged_weight(module, delta)
+    eng = HookEngine()
+    for name, module in net.named_modules():
+        per_layer = {k: deltas[module] for k, deltas in enumerate(loras) if module in deltas}
+        for k, delta in complements(per_layer, n).items():
+            eng.add(getattr(all_merged, name), k, delta)
+    # q: LoRA 1 has no delta there, so with n=2 only LoRA 1's runs need LoRA 0 taken away
+    assert set(eng.deltas[all_merged.q]) == ({1} if n == 2 else {0, 1, 2})
+    eng.install()
+    x = torch.randn(2, 4, 5, 5)
+    with eng.active([(k, 2 * k, 2 * k + 2) for k in range(n)]):
+        batched = all_merged(x.repeat(n, 1, 1, 1))
+    for k in range(n):
+        with eng.active([(k, 0, None)]):
+            alone = all_merged(x)
+        expected = merged_reference(net, loras[k])(x)
+        torch.testing.assert_close(alone, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched[2 * k : 2 * k + 2], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_complement_is_minus_the_others_concatenated_along_the_rank() -> None:
+    a, b, c = lora_linear_rank(6, 5, 2, 0.5), lora_linear_rank(6, 5, 3, 2.0), lora_linear_rank(6, 5, 4, -1.0)
+    c.down, c.up = c.down.half(), c.up.half()
+    comp = complements({0: a, 1: b, 2: c}, 3)
+    assert comp[1].down.shape == (6, 6) and comp[1].up.shape == (5, 6) and comp[1].scale == -1.0
+    assert comp[1].down.dtype == torch.float32  # fp16 and fp32 factors promote
+    lin = nn.Linear(6, 5)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(comp[1](lin, x), -(a(lin, x) + c(lin, x).float()), atol=1e-3, rtol=1e-3)
+    assert complements({0: a}, 3).keys() == {1, 2}  # only LoRA 0 touches the layer: LoRA 0 alone needs nothing

@@ -31,8 +31,18 @@ def test_tags_win_over_panel_and_later_tags_win() -> None:
 
 @pytest.mark.parametrize(
     "items",
-    [[""], ["switch", "abc"], ["switch", "0"], ["switch", "-2"], ["blend"], ["composite", "3"], ["switch", "1", "2"],
-     ["switch", "foo=1"], ["off", "1"], ["switch", "1.5"]],
+    [
+        [""],
+        ["switch", "abc"],
+        ["switch", "0"],
+        ["switch", "-2"],
+        ["blend"],
+        ["composite", "3"],
+        ["switch", "1", "2"],
+        ["switch", "foo=1"],
+        ["off", "1"],
+        ["switch", "1.5"],
+    ],
 )
 def test_malformed_tags_warn_and_leave_args_unchanged(items: list[str]) -> None:
     panel = MultiLoraArgs(True, "Composite", 5)

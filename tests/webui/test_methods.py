@@ -95,6 +95,24 @@ def test_composite_subset_keeps_other_loras_merged(webui: WebuiClient) -> None:
     assert max_diff(plain.image, subset.image) <= 2
 
 
+@pytest.mark.parametrize(("second", "kept_merged"), [("mlB", True), ("mlLoha", False)])
+def test_plain_loras_stay_merged_other_types_are_taken_out_for_the_pass(
+    webui: WebuiClient, second: str, kept_merged: bool
+) -> None:
+    """Plain LoRAs stay in the built-in's list (merged) and their hooks subtract the inactive ones; a LoHa among the
+    composed takes them all out for the pass. mlC is not composed and stays merged either way. Both ways the
+    result is the composed LoRA alone in the UNet."""
+    prompt = f"{PROMPT} <lora:mlA:0.5> <lora:{second}:0.5> <lora:mlC:0.5>"
+    switch = gen(webui, prompt, **multilora("Switch", tau=STEPS, loras=f"mlA,{second}"))
+    calls = trace(webui)
+    assert [c["active"] for c in calls] == [[0]] * STEPS
+    expected = ["mlA", second, "mlC"] if kept_merged else ["mlC"]
+    assert all(c["loaded"] == expected for c in calls), calls[0]["loaded"]
+    assert [n["name"] for n in webui.loaded_networks()] == ["mlA", second, "mlC"], "restored after the pass"
+    reference = gen(webui, f"{PROMPT} <lora:mlA:0.5> <lora:{second}:0.5:0> <lora:mlC:0.5>")  # second: TE only
+    assert max_diff(reference.image, switch.image) <= 2
+
+
 def test_prompt_tags_drive_the_method_without_the_panel(webui: WebuiClient) -> None:
     panel = gen(webui, AB, **multilora("Composite"))
     tagged = gen(webui, f"{AB} <multilora:composite>")

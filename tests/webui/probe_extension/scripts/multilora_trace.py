@@ -1,8 +1,9 @@
 """Test-only probe: records what Multi-LoRA ran at each denoiser call and fingerprints the model state.
 
 Loaded by the real-webui tier only (linked into the test data dir's extensions). Endpoints:
-- ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices and, for Composite,
-  how far the returned output is from the mean of freshly recomputed single-LoRA outputs.
+- ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices, the built-in's loaded
+  networks during the call and, for Composite, how far the returned output is from the mean of freshly recomputed
+  single-LoRA outputs.
 - ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, one of what the built-in
   records as merged into each layer (``network_current_names``: a mismatch would make it skip a needed re-merge), the
   number of forward hooks on them, and the built-in's loaded networks: equal before and after a generation means no
@@ -32,7 +33,10 @@ class MultiLoraTraceProbe(scripts.Script):
         LAST["calls"] = calls
 
         def observer(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
-            entry: dict[str, Any] = {"step": step, "active": list(active)}
+            import networks
+
+            loaded = [n.name for n in networks.loaded_networks]
+            entry: dict[str, Any] = {"step": step, "active": list(active), "loaded": loaded}
             if len(active) > 1:
                 wrapper = p.multilora_pass.wrapper
                 a, kw = call
