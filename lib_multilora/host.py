@@ -224,8 +224,9 @@ def collect_deltas(
             module = layer_mapping.get(net_module.sd_key)
             if module is None:
                 continue
-            if fits(net_module, module):
-                deltas.setdefault(module, {})[k] = make_delta(net_module, module)
+            delta = make_delta(net_module, module)
+            if fits(net_module, module, delta):
+                deltas.setdefault(module, {})[k] = delta
             else:
                 misfits[net.name] = misfits.get(net.name, 0) + 1
     return deltas, misfits
@@ -244,20 +245,23 @@ def build_engine(deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged:
     return engine
 
 
-def fits(net_module: Any, module: nn.Module) -> bool:
+def fits(net_module: Any, module: nn.Module, delta: Delta) -> bool:
     """Whether the webui's merge could add this delta to the layer. A LoRA made for another base model matches layer
     names with other shapes; the merge skips those layers (its RuntimeError), a hook would fail the whole generation.
-    Same rule as the merge (broadcast onto the weight, 4-channel deltas padded on 9-channel inpainting convs),
-    computed on the meta device: shapes only, no data."""
+    Same rule as the merge (broadcast onto the weight, 4-channel deltas padded on 9-channel inpainting convs), on
+    the factors' shapes for a low-rank delta, else on the meta device: shapes only, no data."""
     weight = getattr(module, "weight", None)
     if weight is None:  # no weight to compare with: let the pass try
         return True
-    try:
-        shape = tuple(net_module.calc_updown(torch.empty_like(weight, device="meta"))[0].shape)
-    except NotImplementedError:  # an op without a meta kernel: no answer, let the pass try
-        return True
-    except RuntimeError:
-        return False
+    if isinstance(delta, LowRankDelta):
+        shape = (delta.up.shape[0], *delta.down.shape[1:])
+    else:
+        try:
+            shape = tuple(net_module.calc_updown(torch.empty_like(weight, device="meta"))[0].shape)
+        except NotImplementedError:  # an op without a meta kernel: no answer, let the pass try
+            return True
+        except RuntimeError:
+            return False
     if weight.dim() == 4 and weight.shape[1] == 9 and len(shape) == 4 and shape[1] == 4:
         shape = (shape[0], 9, *shape[2:])
     try:
