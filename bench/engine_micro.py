@@ -2,8 +2,9 @@
 
 The stack holds the layers a kohya LoRA touches in SD1.5's 16 transformer blocks (proj_in/proj_out 1x1 convs,
 attention q/k/v/out, feed-forward), at the widths and token counts of a given image size, run on a cond+uncond batch.
-Compared, interleaved and repeated: merged weights (what the webui runs for one LoRA), one hooked LoRA (Switch),
-Composite sequential (N hooked passes), Composite batched with per-group deltas and with stacked deltas. Time is the
+Compared, interleaved and repeated: merged weights (what the webui runs), Switch (the merged layers plus one LoRA's
+complement hooks, which take the N-1 others away), Composite sequential (N such passes), Composite batched with
+per-group deltas and with stacked deltas. Time is the
 CPU time of the one compute thread, best of the repeats: other load on a shared machine barely affects it. Prints a
 table and, last, one JSON line of the ratios.
 
@@ -24,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib_multilora.engine import HookEngine, LowRankDelta
+from lib_multilora.engine import HookEngine, LowRankDelta, complements
 
 #: SD1.5 transformer blocks: (channels, latent downscale) for down 0-2 (x2 each), mid, up 1-3 (x3 each).
 BLOCKS = [(320, 1)] * 2 + [(640, 2)] * 2 + [(1280, 4)] * 2 + [(1280, 8)] + [(1280, 4)] * 3 + [(640, 2)] * 3
@@ -82,11 +83,12 @@ def touched(stack: Stack) -> list[nn.Module]:
 
 
 def build_engine(stack: Stack, n: int, rank: int, use_stack: bool, seed: int = 0) -> HookEngine:
+    """As the host builds it for plain LoRAs: the weights hold all N merged, LoRA k's hooks subtract the others."""
     torch.manual_seed(seed)
     engine = HookEngine(stack=use_stack)
-    for k in range(n):
-        for module in touched(stack):
-            engine.add(module, k, lora_for(module, rank))
+    for module in touched(stack):
+        for k, delta in complements({k: lora_for(module, rank) for k in range(n)}, n).items():
+            engine.add(module, k, delta)
     return engine
 
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         times = best_times(
             {
                 "merged (no hooks)": plain,
-                "one hooked LoRA": run_case(per_group, [(0, 0, None)], False),
+                "switch (one LoRA's complement hooks)": run_case(per_group, [(0, 0, None)], False),
                 f"composite sequential x{n}": run_sequential,
                 f"composite batched x{n}, per-group deltas": run_case(per_group, batched_groups, True),
                 f"composite batched x{n}, stacked deltas": run_case(stacked, batched_groups, True),
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"  {name:<44} {times[name] * 1e3:9.2f} ms")
     ratios = {
-        "hook_over_merged": one / merged,
+        "switch_hook_over_merged": one / merged,
         "hook_overhead_per_layer_us": (one - merged) / layers * 1e6,
         "composite_seq_over_n_merged": seq / (n * merged),
         "batched_over_seq": per / seq,
