@@ -50,6 +50,7 @@ class Pass:
     wrapper: MethodInner
     sampler: Any
     model: nn.Module
+    names: list[str]  # the composed LoRAs, by index
 
 
 def on_process(p: Any, script_args: tuple) -> None:
@@ -331,8 +332,9 @@ def install(
         batched=runs_batched(args.execution, webui_device()),
         warn=lambda message: warn(p, message),
     )
-    p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, model=p.sd_model)
-    p.extra_generation_params.update(args.infotext([n.name for n in composed]))
+    names = [n.name for n in composed]
+    p.multilora_pass = Pass(engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names)
+    p.extra_generation_params.update(args.infotext(names))
     if static is not None:
         builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper
@@ -359,6 +361,9 @@ def finish_pass(p: Any) -> None:
         vars(state.sampler).pop(name, None)
     if state.denoiser._modules.get("model_wrap") is state.wrapper:
         state.denoiser.model_wrap = state.original_inner
+    unused = [name for k, name in enumerate(state.names) if k not in state.wrapper.used]
+    if state.wrapper.used and unused:
+        warn(p, f"{', '.join(unused)} got no step (more LoRAs than the steps run allow at this switch interval)")
     networks = builtin_networks()
     current, static = networks.loaded_networks, state.static_networks
     if static is None:  # the composed LoRAs stayed merged: no weight was touched

@@ -72,6 +72,7 @@ class MethodInner(nn.Module):
         self._method, self._n, self._tau = method, n_loras, tau
         self._step, self._observer = step, observer
         self.batched, self._warn = batched, warn
+        self.used: set[int] = set()  # LoRAs that ran in at least one call
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -87,6 +88,7 @@ class MethodInner(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_loras()
+        self.used.update(active)
         result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
         if result is None:
             outputs = []

@@ -76,10 +76,23 @@ def test_switch_follows_step_counter() -> None:
     step = {"i": 0}
     wrapped = MethodInner(inner, eng, "Switch", 2, 2, step=lambda: step["i"])
     args, kwargs = call_args()
+    assert wrapped.used == set()
     for i, k in enumerate([0, 0, 1, 1, 0]):
         step["i"] = i
         assert wrapped.active_loras() == [k]
         torch.testing.assert_close(wrapped(*args, **kwargs), single(inner, eng, k, args, kwargs), atol=0, rtol=0)
+    assert wrapped.used == {0, 1}
+
+
+def test_used_records_loras_that_ran() -> None:
+    inner, eng = setup(3)
+    wrapped = MethodInner(inner, eng, "Switch", 3, 2, step=lambda: 1)
+    args, kwargs = call_args()
+    wrapped(*args, **kwargs)
+    assert wrapped.used == {0}, "steps 0-1 of tau 2: LoRAs 1 and 2 never ran"
+    composite = MethodInner(inner, eng, "Composite", 3, 2, step=lambda: 0)
+    composite(*args, **kwargs)
+    assert composite.used == {0, 1, 2}
 
 
 def test_wrapper_forwards_attributes_and_is_a_module() -> None:

@@ -73,6 +73,7 @@ def test_switch_trace_follows_tau(webui: WebuiClient) -> None:
     assert [c["active"] for c in trace(webui)] == [[0], [0], [1], [1], [2], [2], [0], [0]]
     assert "Multi-LoRA method: Switch" in result.infotext
     assert "Multi-LoRA switch every: 2" in result.infotext
+    assert "got no step" not in result.infotext
     assert "Multi-LoRA LoRAs: mlA, mlB, mlC" in result.infotext or '"mlA, mlB, mlC"' in result.infotext
 
 

@@ -290,6 +290,7 @@ def test_more_loras_than_steps(webui: WebuiClient) -> None:
     before = snapshot(webui, two_steps)
     result = two_steps(**multilora("Switch", tau=1))
     assert [c["active"] for c in trace(webui)] == [[0], [1]], "mlC never gets a step"
+    assert "mlC got no step" in result.infotext, "and the user is told"
     assert "Multi-LoRA LoRAs: mlA, mlB, mlC" in result.infotext or '"mlA, mlB, mlC"' in result.infotext
     assert max_diff(result.image, two_steps(**multilora("Switch", tau=1)).image) == 0
     assert_no_trace(webui, two_steps, before)
