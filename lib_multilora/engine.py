@@ -67,7 +67,9 @@ class LowRankDelta:
     @classmethod
     def concat(cls, deltas: Sequence[LowRankDelta], scale: float = 1.0) -> LowRankDelta:
         """``scale * sum(deltas)`` on one layer as one delta: the factors stacked along the rank, each delta's scale
-        folded into its ``up``, so any number of LoRAs costs the two matmuls of one."""
+        folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not copied."""
+        if len(deltas) == 1:
+            return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale)
         dtype = functools.reduce(torch.promote_types, (d.down.dtype for d in deltas))
         device = deltas[0].down.device
         down = torch.cat([d.down.to(device=device, dtype=dtype) for d in deltas])

@@ -377,3 +377,5 @@ def test_complement_is_minus_the_others_concatenated_along_the_rank() -> None:
     x = torch.randn(4, 6)
     torch.testing.assert_close(comp[1](lin, x), -(a(lin, x) + c(lin, x).float()), atol=1e-3, rtol=1e-3)
     assert complements({0: a}, 3).keys() == {1, 2}  # only LoRA 0 touches the layer: LoRA 0 alone needs nothing
+    alone = complements({0: a, 1: b}, 2)[0]  # one other LoRA: its own factors, not a copy
+    assert alone.down is b.down and alone.up is b.up and alone.scale == -b.scale
