@@ -138,9 +138,10 @@ def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRank
     """For a layer whose weights hold every one of these LoRAs merged: per LoRA ``k < n``, minus the sum of the
     *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone. No entry where no
     other LoRA touches the layer (nothing to take away)."""
+    ordered = sorted(deltas.items())
     out = {}
     for k in range(n):
-        others = [d for j, d in sorted(deltas.items()) if j != k]
+        others = [d for j, d in ordered if j != k]
         if others:
             out[k] = LowRankDelta.concat(others, scale=-1.0)
     return out

@@ -29,6 +29,8 @@ from .tags import TAG_NAME, apply_tags, strip_malformed
 log = logging.getLogger("multilora")
 
 SAMPLER_METHODS = ("sample", "sample_img2img")
+#: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
+UNET_PREFIX = "diffusion_model"
 
 
 def builtin_networks() -> Any:
@@ -150,7 +152,7 @@ def restore_text_encoder(p: Any) -> None:
         net.te_multiplier = multiplier
     if muted:
         mapping = getattr(p.sd_model, "network_layer_mapping", {})
-        remerge(builtin_networks(), (m for name, m in mapping.items() if not name.startswith("diffusion_model")))
+        remerge(builtin_networks(), (m for name, m in mapping.items() if not name.startswith(UNET_PREFIX)))
 
 
 def start_pass(p: Any) -> None:
@@ -228,7 +230,7 @@ def collect_deltas(
     misfits: dict[str, int] = {}
     for k, net in enumerate(composed):
         for net_module in net.modules.values():
-            if not net_module.sd_key.startswith("diffusion_model"):
+            if not net_module.sd_key.startswith(UNET_PREFIX):
                 continue
             module = layer_mapping.get(net_module.sd_key)
             if module is None:
@@ -364,10 +366,11 @@ def finish_pass(p: Any) -> None:
     unused = [name for k, name in enumerate(state.names) if k not in state.wrapper.used]
     if state.wrapper.used and unused:
         warn(p, f"{', '.join(unused)} got no step (more LoRAs than the steps run allow at this switch interval)")
-    networks = builtin_networks()
-    current, static = networks.loaded_networks, state.static_networks
+    static = state.static_networks
     if static is None:  # the composed LoRAs stayed merged: no weight was touched
         return
+    networks = builtin_networks()
+    current = networks.loaded_networks
     # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner).
     if len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
         current[:] = state.original_networks
