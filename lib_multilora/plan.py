@@ -7,9 +7,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Selection:
-    """Indices into the loaded-LoRA list: ``composed`` run one at a time, the rest stay merged as the webui does."""
+    """Indices into the loaded-LoRA list: ``composed`` run one at a time, the rest stay merged as the webui does.
+
+    ``counts[i]`` is how many times ``composed[i]`` is loaded: the webui merges one entry per mention of a LoRA in the
+    prompt (all with the last mention's multipliers), so a LoRA written twice acts at twice its weight, and it is
+    composed as one LoRA at that weight."""
 
     composed: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -18,13 +23,13 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
     """Choose the composed LoRAs among ``loaded`` (display name, every name it answers to), in prompt order.
 
     ``requested`` empty means every loaded LoRA. A requested name that matches nothing is an error (the image would
-    silently be wrong otherwise); the same LoRA loaded twice is composed once.
+    silently be wrong otherwise); the same LoRA loaded twice is composed once, counted twice (see :class:`Selection`).
     """
     out = Selection()
     if not loaded:
         out.error = "no <lora:...> tags in the prompt: nothing to compose"
         return out
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # lowered name -> position in composed
     wanted = {n.lower() for n in requested}
     matched: set[str] = set()
     for i, (name, aliases) in enumerate(loaded):
@@ -33,15 +38,23 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
             continue
         matched |= lowered & wanted
         if name.lower() in seen:
-            out.warnings.append(f"{name} appears twice in the prompt: composed once")
+            out.counts[seen[name.lower()]] += 1
             continue
-        seen.add(name.lower())
+        seen[name.lower()] = len(out.composed)
         out.composed.append(i)
+        out.counts.append(1)
     missing = [n for n in requested if n.lower() not in matched]
     if missing:
         out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(missing)}"
-        out.composed = []
+        out.composed, out.counts = [], []
         return out
+    for i, count in zip(out.composed, out.counts, strict=True):
+        if count > 1:
+            name = loaded[i][0]
+            out.warnings.append(
+                f"{name} appears {count} times in the prompt: the webui merges it {count} times, so it is composed as "
+                f"one LoRA at {count}x its weight"
+            )
     if len(out.composed) == 1 and not out.warnings:
         out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}): same result as plain <lora>")
     elif len(out.composed) == 1:

@@ -31,11 +31,17 @@ def test_one_lora_runs_with_a_warning() -> None:
     assert s.composed == [1] and s.error is None and "only one LoRA" in s.warnings[0]
 
 
-def test_same_lora_twice_is_composed_once() -> None:
-    s = select([net("A"), net("A"), net("B")], [])
-    assert s.composed == [0, 2] and "twice" in s.warnings[0]
+def test_same_lora_twice_is_composed_once_at_the_weight_merge_gives_it() -> None:
+    s = select([net("B"), net("A"), net("A")], [])
+    assert (s.composed, s.counts) == ([0, 1], [1, 2])
+    assert "A appears 2 times" in s.warnings[0] and "2x its weight" in s.warnings[0]
+
+
+def test_counts_follow_the_requested_subset() -> None:
+    s = select([net("A"), net("B"), net("A"), net("A")], ["a"])
+    assert (s.composed, s.counts) == ([0], [3])
 
 
 def test_one_lora_loaded_twice_is_not_called_same_as_plain() -> None:
     s = select([net("A"), net("A")], [])
-    assert s.composed == [0] and "twice" in s.warnings[0] and "same result" not in " ".join(s.warnings)
+    assert s.composed == [0] and "2 times" in s.warnings[0] and "same result" not in " ".join(s.warnings)
