@@ -38,6 +38,18 @@ def _match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     return x[:, :in_channels] if x.dim() == 4 and x.shape[1] > in_channels else x
 
 
+def _conv2d(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, module: nn.Conv2d, groups: int = 1
+) -> torch.Tensor:
+    """``F.conv2d`` with the module's stride, padding and dilation, padded the way the module pads: the webui's
+    tiling sets ``padding_mode='circular'`` on every conv, and a zero-padded delta would leave the inactive LoRAs on
+    at the image borders. Same rule as ``nn.Conv2d._conv_forward``."""
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return F.conv2d(x, w, b, module.stride, 0, module.dilation, groups)
+    return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, groups)
+
+
 @dataclass
 class LowRankDelta:
     """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out."""
@@ -60,8 +72,7 @@ class LowRankDelta:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         down, up = self._factors(x)
         if down.dim() == 4:
-            h = F.conv2d(_match_channels(x, down.shape[1]), down, None, module.stride, module.padding, module.dilation)
-            return F.conv2d(h, up)
+            return F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
         return F.linear(F.linear(x, down), up)
 
     @classmethod
@@ -109,7 +120,7 @@ class DenseDelta:
             if w.shape != module.weight.shape and w.shape[1] == module.weight.shape[1]:
                 w = torch.broadcast_to(w, module.weight.shape)  # a 1x1 delta on a kxk conv: the merge broadcasts it
             x = _match_channels(x, w.shape[1] * module.groups)
-            return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+            return _conv2d(x, w, b, module, module.groups)
         if isinstance(module, nn.Linear):
             return F.linear(x, w.reshape(module.weight.shape), b)
         if isinstance(module, nn.GroupNorm):
@@ -189,6 +200,10 @@ class HookEngine:
     ``add`` collects deltas, ``install`` hooks only the layers some delta touches, ``active(groups)`` selects
     LoRAs for the calls made inside it, ``remove`` takes every hook away (idempotent). With ``stack`` (the default),
     groups that split the batch into equal consecutive blocks use :class:`StackedLowRank` where it applies.
+
+    Row groups name rows of the batch the model was called with. A layer that sees another number of rows (Hypertile
+    splits each image into tiles inside self-attention) cannot be mapped onto them: its hook adds nothing and sets
+    ``misrouted``, and the caller must discard that call's output.
     """
 
     def __init__(self, stack: bool = True) -> None:
@@ -196,6 +211,8 @@ class HookEngine:
         self.groups: tuple[Group, ...] = ()
         self.stack = stack
         self._rows: int | None = None
+        self._total_rows: int | None = None
+        self.misrouted = False
         self._stacks: dict[tuple[nn.Module, tuple[int, ...]], StackedLowRank | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -219,18 +236,21 @@ class HookEngine:
             handle.remove()
         self._handles = []
         self._stacks.clear()
-        self.groups, self._rows = (), None
+        self.groups, self._rows, self._total_rows = (), None, None
 
     @contextmanager
     def active(self, groups: Sequence[Group]) -> Iterator[None]:
         """Apply LoRA k to rows [start, stop) of every hooked layer for the calls made inside this block."""
-        previous = self.groups, self._rows
+        previous = self.groups, self._rows, self._total_rows
         self.groups = tuple(groups)
         self._rows = _equal_block_rows(self.groups) if self.stack else None
+        stops = [stop for _, _, stop in self.groups]
+        self._total_rows = None if None in stops else max(stops, default=None)
+        self.misrouted = False
         try:
             yield
         finally:
-            self.groups, self._rows = previous
+            self.groups, self._rows, self._total_rows = previous
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         groups = self.groups
@@ -241,7 +261,10 @@ class HookEngine:
         if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
             delta = deltas.get(groups[0][0])
             return None if delta is None else delta.add_to(module, x, output)
-        if self._rows is not None and x.shape[0] == output.shape[0] == len(groups) * self._rows:
+        if self._total_rows is not None and not x.shape[0] == output.shape[0] == self._total_rows:
+            self.misrouted = True
+            return None
+        if self._rows is not None:
             stacked = self._stacked(module, deltas, groups)
             if stacked is not None:
                 return stacked(x, output)

@@ -18,12 +18,18 @@ from .engine import HookEngine
 from .schedule import switch_index
 
 
-def composite_mean(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 mean of the per-LoRA outputs, returned in the outputs' dtype."""
-    acc = outputs[0].float()
+def composite_mean(outputs: list[Any]) -> Any:
+    """fp32 mean of the per-LoRA outputs, returned in the outputs' dtype; outputs that are tuples, lists or dicts of
+    tensors (an inner model other than the webui's own) are averaged element by element."""
+    first = outputs[0]
+    if isinstance(first, dict):
+        return {key: composite_mean([out[key] for out in outputs]) for key in first}
+    if type(first) in (list, tuple):
+        return type(first)(composite_mean(list(parts)) for parts in zip(*outputs, strict=True))
+    acc = first.float()
     for out in outputs[1:]:
         acc = acc + out.float()
-    return (acc / len(outputs)).to(outputs[0].dtype)
+    return (acc / len(outputs)).to(first.dtype)
 
 
 def runs_batched(execution: str, device: torch.device) -> bool:
@@ -86,7 +92,7 @@ class MethodInner(nn.Module):
             return [switch_index(self._step(), self._tau, self._n)]
         return list(range(self._n))
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = self.active_loras()
         self.used.update(active)
         result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
@@ -104,21 +110,31 @@ class MethodInner(nn.Module):
         """The Composite mean from one call on the replicated batch, or None after falling back to sequential."""
         rows, n = args[0].shape[0], len(active)
         try:
-            out = self._call_replicated(active, rows, args, kwargs)
+            out, misrouted = self._call_replicated(active, rows, args, kwargs)
         except torch.cuda.OutOfMemoryError:
-            out = None  # leave the handler first: its traceback holds the batch's activations
+            out = misrouted = None  # leave the handler first: its traceback holds the batch's activations
         if out is None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return self._fall_back(f"batched Composite ran out of memory for {n}x{rows} rows")
+        if misrouted:
+            return self._fall_back(
+                f"a LoRA layer saw another number of rows than the {n}x{rows} of the batch (Hypertile or another "
+                "extension splits the batch inside the model)"
+            )
+        if not isinstance(out, torch.Tensor):
+            return self._fall_back(f"the model returned a {type(out).__name__}, not one tensor")
         if out.shape[0] != n * rows:
             return self._fall_back(f"the model returned {out.shape[0]} rows for {n}x{rows} (another extension?)")
         return composite_mean(list(out.split(rows)))
 
-    def _call_replicated(self, active: list[int], rows: int, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _call_replicated(self, active: list[int], rows: int, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        """The inner model's output on the batch replicated per LoRA, and whether a hooked layer could not tell the
+        LoRAs' rows apart (then the output is wrong and must be discarded)."""
         groups = [(k, i * rows, (i + 1) * rows) for i, k in enumerate(active)]
         with self.engine.active(groups):
-            return self.inner(*replicate(args, rows, len(active)), **replicate(kwargs, rows, len(active)))
+            out = self.inner(*replicate(args, rows, len(active)), **replicate(kwargs, rows, len(active)))
+            return out, self.engine.misrouted
 
     def _fall_back(self, reason: str) -> None:
         self.batched = False

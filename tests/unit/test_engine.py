@@ -74,6 +74,41 @@ def test_conv_locon_equals_merged_with_stride_and_padding() -> None:
     torch.testing.assert_close(got, merged(conv, d)(x), **TOL)
 
 
+@pytest.mark.parametrize("mode", ["circular", "reflect"])
+def test_conv_deltas_pad_like_the_conv_itself(mode: str) -> None:
+    """The webui's tiling makes every conv circular: a zero-padded delta would be wrong at the borders only."""
+    conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode=mode)
+    low_rank = lora_conv(conv)
+    dense = DenseDelta(lambda m: (merged_weight(conv, low_rank), None))
+    x = torch.randn(2, 4, 7, 7)
+    for d in (low_rank, dense):
+        eng = HookEngine()
+        eng.add(conv, 0, d)
+        eng.install()
+        with eng.active([(0, 0, None)]):
+            got = conv(x)
+        eng.remove()
+        expected = merged(conv, low_rank)(x)
+        torch.testing.assert_close(got, expected, **TOL)
+        torch.testing.assert_close(got[..., 0, :], expected[..., 0, :], **TOL)  # the border row on its own
+
+
+def test_layer_seeing_other_rows_than_the_groups_adds_nothing_and_says_so() -> None:
+    lin = nn.Linear(6, 6)
+    eng = HookEngine()
+    for k in range(2):
+        eng.add(lin, k, lora_linear(6, 6))
+    eng.install()
+    x = torch.randn(8, 6)
+    with eng.active([(0, 0, 2), (1, 2, 4)]):
+        assert not eng.misrouted
+        torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+        assert eng.misrouted, "8 rows where the groups cover 4: unmappable"
+    with eng.active([(0, 0, None)]):
+        lin(x)
+        assert not eng.misrouted, "one group over every row maps onto any row count"
+
+
 def test_inpainting_conv_uses_first_channels_like_zero_padded_merge() -> None:
     conv = nn.Conv2d(9, 8, 3, padding=1)
     d = LowRankDelta(down=torch.randn(2, 4, 3, 3), up=torch.randn(8, 2, 1, 1), scale=1.0)

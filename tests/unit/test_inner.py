@@ -180,20 +180,35 @@ def test_replicate_repeats_per_row_tensors_through_nested_conds() -> None:
 
 
 class FlakyInner(CondInner):
-    """Fails the way a batched call can: out of memory, or another extension returning other rows."""
+    """Fails the way a batched call can: out of memory, another extension returning other rows, a tuple instead of
+    one tensor, or a layer that sees the batch split into tiles (Hypertile's self-attention: ``b`` rows become
+    ``b * tiles``)."""
 
     def __init__(self, failure: str) -> None:
         super().__init__()
         self.failure = failure
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor | tuple:
+        if self.failure == "tiles":  # each row's 6 features as 2 tiles of 3, through a layer that sees 2x the rows
+            tiled = self.lin(x.repeat_interleave(2, dim=0))
+            return tiled[0::2] * sigma[:, None] + self.ctx(cond["c_crossattn"][0]).mean(1)
         out = super().forward(x, sigma, cond)
         if x.shape[0] > 4 and self.failure == "oom":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        if self.failure == "tuple":
+            return out, sigma
         return out[:4] if x.shape[0] > 4 and self.failure == "rows" else out
 
 
-@pytest.mark.parametrize("failure", ["oom", "rows"])
+FALLBACK_REASONS = {
+    "oom": "out of memory",
+    "rows": "returned 4 rows for 2x4",
+    "tuple": "returned a tuple",
+    "tiles": "another number of rows than the 2x4",
+}
+
+
+@pytest.mark.parametrize("failure", list(FALLBACK_REASONS))
 def test_batched_falls_back_to_sequential_once_and_says_so(failure: str) -> None:
     torch.manual_seed(3)
     inner = FlakyInner(failure)
@@ -208,8 +223,16 @@ def test_batched_falls_back_to_sequential_once_and_says_so(failure: str) -> None
     for _ in range(3):
         torch.testing.assert_close(wrapped(*args, **kwargs), expected, atol=0, rtol=0)
     assert not wrapped.batched and len(warnings) == 1
-    assert ("out of memory" if failure == "oom" else "returned 4 rows for 2x4") in warnings[0]
+    assert FALLBACK_REASONS[failure] in warnings[0]
     assert eng.groups == ()
+
+
+def test_composite_mean_averages_tuples_and_dicts_element_by_element() -> None:
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    out = composite_mean([(a, {"v": b}), (b, {"v": a})])
+    torch.testing.assert_close(out[0], (a + b) / 2)
+    torch.testing.assert_close(out[1]["v"], (a + b) / 2)
+    assert isinstance(out, tuple) and isinstance(out[1], dict)
 
 
 def test_switch_ignores_batched_and_auto_batches_on_cuda_only() -> None:
