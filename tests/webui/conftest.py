@@ -5,6 +5,7 @@ Everything here is skipped unless ``SD_WEBUI_DIR`` names a webui 1.10.x checkout
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,25 @@ def webui(webui_server: WebuiServer) -> Iterator[WebuiClient]:
     client = WebuiClient(webui_server)
     yield client
     client.close()
+
+
+@pytest.fixture
+def alt_checkpoint(webui: WebuiClient, webui_assets: WebuiAssets, webui_dir: Path) -> Iterator[tuple[str, str]]:
+    """A second tiny checkpoint (other seed) beside the session's; yields (original title, alt title) and switches
+    back to the original at the end, so later tests see the session's model."""
+    from .tiny_model import build_tiny_sd1
+
+    folder = webui_assets.ckpt.parent / "alt"
+    alt = build_tiny_sd1(folder, seed=1, webui_dir=webui_dir)
+    webui.post("/sdapi/v1/refresh-checkpoints")
+    titles = {Path(m["filename"]).resolve(): m["title"] for m in webui.get("/sdapi/v1/sd-models")}
+    original = titles[webui_assets.ckpt.resolve()]
+    try:
+        yield original, titles[alt.resolve()]
+    finally:
+        webui.post("/sdapi/v1/options", {"sd_model_checkpoint": original})
+        shutil.rmtree(folder)
+        webui.post("/sdapi/v1/refresh-checkpoints")
 
 
 @pytest.fixture
