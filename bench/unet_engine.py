@@ -6,7 +6,7 @@ per-call overhead of the hooks are all in the ratios. The UNets are diffusers' `
 standard SD1.5 / SDXL configs below with seeded random weights (nothing is downloaded). N rank-16 kohya-style LoRAs
 touch the layers kohya trains (every Linear and 1x1 Conv2d inside a ``Transformer2DModel``: proj_in/proj_out,
 attention to_q/k/v/to_out.0, feed-forward net.0.proj/net.2) and are merged into the weights as the webui does
-(``W += scale * up @ down``). The engine is built as ``lib_multilora.host.build_engine`` builds it for plain LoRAs
+(``W += scale * up @ down``). The engine is built as ``lib_multilora.engine.build_engine`` builds it for plain LoRAs
 (``keep_merged=True``: the weights keep all N, LoRA k's hooks subtract the others) and run through
 ``lib_multilora.inner.MethodInner`` around an inner model that calls the UNet the way the webui's denoiser calls its
 inner model (x batch first, cond+uncond rows).
@@ -62,8 +62,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib_multilora.engine import HookEngine, LowRankDelta
-from lib_multilora.host import build_engine
+from lib_multilora.engine import HookEngine, LowRankDelta, build_engine
 from lib_multilora.inner import MethodInner, composite_mean
 
 SD15_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -330,7 +329,7 @@ def build(name: str, size: int, args: argparse.Namespace) -> tuple[Inner, tuple,
 
 
 def make_cases(inner: Inner, inputs: tuple, loras: list[dict[nn.Module, Lora]], cuda: bool) -> tuple[Cases, list[int]]:
-    """The five cases over weights that hold all N LoRAs merged, each engine built as ``host.build_engine`` builds it
+    """The five cases over weights that hold all N LoRAs merged, each engine built as ``engine.build_engine`` builds it
     for plain LoRAs and run through :class:`MethodInner` as the host installs it; the list is Switch's step."""
     n = len(loras)
     deltas = {

@@ -121,13 +121,23 @@ class DenseDelta:
                 w = torch.broadcast_to(w, module.weight.shape)  # a 1x1 delta on a kxk conv: the merge broadcasts it
             x = _match_channels(x, w.shape[1] * module.groups)
             return _conv2d(x, w, b, module, module.groups)
-        if isinstance(module, nn.Linear):
-            return F.linear(x, w.reshape(module.weight.shape), b)
         if isinstance(module, nn.GroupNorm):
             return _norm_delta(F.group_norm(x, module.num_groups, None, None, module.eps), w, b, x.dim() - 2)
         if isinstance(module, nn.LayerNorm):
             return _norm_delta(F.layer_norm(x, module.normalized_shape, None, None, module.eps), w, b, 0)
+        if is_linear(module):
+            return F.linear(x, w.reshape(module.weight.shape), b)
         raise TypeError(f"no delta op for {type(module).__name__}")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer that computes ``F.linear(x, weight, bias)``: ``nn.Linear``, or a layer of its own class with a 2-D
+    weight that is no norm (Forge's ``Linear`` is a plain ``nn.Module``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    norm = isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.Conv2d))
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and not norm
 
 
 def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, spatial: int) -> torch.Tensor:
@@ -158,6 +168,20 @@ def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRank
     return out
 
 
+def build_engine(deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged: bool, stack: bool) -> HookEngine:
+    """The pass's hooks: with ``keep_merged`` (every delta plain low-rank) the composed LoRAs stay merged in the
+    weights, as the webui keeps them between generations, and LoRA k's hook subtracts the others
+    (:func:`complements`), so the pass touches no weight and costs the hooks only. Otherwise (LyCORIS types, DoRA:
+    deltas computed from the weight, which need not add up) the composed LoRAs are taken out of the weights for the
+    pass and LoRA k's hook adds its own delta. ``stack`` (batched Composite as batched matmuls) only pays on a GPU,
+    where it saves kernel launches; on a CPU the per-group loop is faster (bench/engine_micro.py: 1.2x)."""
+    engine = HookEngine(stack=stack)
+    for module, per_layer in deltas.items():
+        for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
+            engine.add(module, k, delta)
+    return engine
+
+
 class StackedLowRank:
     """Every row group's plain LoRA on one Linear as two batched matmuls (batched Composite) instead of 2N small ones.
 
@@ -184,7 +208,7 @@ class StackedLowRank:
         """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank; else None."""
         present = [d for d in deltas if d is not None]
         plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 for d in present)
-        return cls(deltas) if isinstance(module, nn.Linear) and plain and len(present) > 1 else None
+        return cls(deltas) if is_linear(module) and plain and len(present) > 1 else None
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output`` plus group g's delta on rows ``[g*R, (g+1)*R)``, for batches that are G equal groups."""

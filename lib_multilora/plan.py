@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 class Selection:
     """Indices into the loaded-LoRA list: ``composed`` run one at a time, the rest stay merged as the webui does.
 
-    ``counts[i]`` is how many times ``composed[i]`` is loaded: the webui merges one entry per mention of a LoRA in the
-    prompt (all with the last mention's multipliers), so a LoRA written twice acts at twice its weight, and it is
-    composed as one LoRA at that weight."""
+    ``counts[i]`` is how many times ``composed[i]`` is loaded (written in the prompt): A1111 merges one entry per
+    mention, so there a LoRA written twice acts at twice its weight and is composed at that weight."""
 
     composed: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
@@ -23,7 +22,8 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
     """Choose the composed LoRAs among ``loaded`` (display name, every name it answers to), in prompt order.
 
     ``requested`` empty means every loaded LoRA. A requested name that matches nothing is an error (the image would
-    silently be wrong otherwise); the same LoRA loaded twice is composed once, counted twice (see :class:`Selection`).
+    silently be wrong otherwise); the same LoRA loaded twice is composed once, counted twice (see :class:`Selection`;
+    what a count means is the host's rule).
     """
     out = Selection()
     if not loaded:
@@ -48,15 +48,6 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
         out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(missing)}"
         out.composed, out.counts = [], []
         return out
-    for i, count in zip(out.composed, out.counts, strict=True):
-        if count > 1:
-            name = loaded[i][0]
-            out.warnings.append(
-                f"{name} appears {count} times in the prompt: the webui merges it {count} times, so it is composed as "
-                f"one LoRA at {count}x its weight"
-            )
-    if len(out.composed) == 1 and not out.warnings:
+    if len(out.composed) == 1:
         out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}): same result as plain <lora>")
-    elif len(out.composed) == 1:
-        out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}) to compose")
     return out

@@ -1,6 +1,8 @@
 """Entry script: an always-on panel that runs LoRA Switch or LoRA Composite (Zhong et al., 2024) per sampling pass.
 
-Thin on purpose: the method lives in ``lib_multilora``; this file only connects the webui's callbacks to it.
+Thin on purpose: the method lives in ``lib_multilora``; this file connects the webui's callbacks to the host glue of
+the running webui (``host_a1111`` or ``host_forge``, found by :func:`webui.host_module`). On any other webui the
+panel says why it is off and every generation runs as without the extension.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from typing import Any
 
 from modules import script_callbacks, scripts
 
-from lib_multilora import host, xyz
+from lib_multilora import generation, webui, xyz
 from lib_multilora.ui import build_panel, on_ui_settings, show_in_img2img
+
+HOST = webui.host_module()
+UNAVAILABLE = HOST if isinstance(HOST, str) else None
 
 
 class MultiLoraScript(scripts.Script):
@@ -29,33 +34,44 @@ class MultiLoraScript(scripts.Script):
             self.steps_component = component
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        return build_panel(self, is_img2img)
+        return build_panel(self, is_img2img, unavailable=UNAVAILABLE)
 
     def process(self, p: Any, *args: Any) -> None:
-        host.on_process(p, args)
+        if UNAVAILABLE is None:
+            generation.begin(p, args, HOST)
+            return
+        generation.read_args(p, args)
+        if generation.effective_args(p) is not None:
+            generation.warn(p, f"{UNAVAILABLE}; running without Multi-LoRA")
 
     def process_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        if UNAVAILABLE is not None:
+            return
         try:
-            host.apply_text_encoder_policy(p)
+            HOST.apply_text_encoder_policy(p)
         except Exception as e:
-            host.restore_text_encoder(p)
-            host.warn(p, f"internal error in the text-encoder policy, using All: {e!r}")
+            HOST.restore_text_encoder(p)
+            generation.warn(p, f"internal error in the text-encoder policy, using All: {e!r}")
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        if UNAVAILABLE is not None:
+            return
         try:
-            host.start_pass(p)
+            HOST.start_pass(p)
         except Exception as e:  # never break the generation: undo and say so
-            host.finish_pass(p)
-            host.warn(p, f"internal error, running without Multi-LoRA: {e!r}")
+            HOST.finish_pass(p)
+            generation.warn(p, f"internal error, running without Multi-LoRA: {e!r}")
 
     def post_sample(self, p: Any, ps: Any, *args: Any) -> None:
-        host.finish_pass(p)
+        if UNAVAILABLE is None:
+            HOST.finish_pass(p)
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
-        host.finish_pass(p)
+        if UNAVAILABLE is None:
+            HOST.finish_pass(p)
 
 
-script_callbacks.on_before_ui(host.register_tag_network)
+script_callbacks.on_before_ui(webui.register_tag_network)
 xyz.add_axes()  # now, so the API's script-info lists our axes; again before the UI in case X/Y/Z loads later
 script_callbacks.on_before_ui(xyz.add_axes)
 script_callbacks.on_ui_settings(on_ui_settings)

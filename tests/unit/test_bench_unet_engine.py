@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lib_multilora import host
+from lib_multilora import engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "unet_engine.py"
@@ -66,7 +66,7 @@ def test_a_wrong_path_fails_the_run(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     bench = load_bench(monkeypatch)
 
     def wrong_engine(deltas: dict, n: int, keep_merged: bool, stack: bool) -> object:
-        return host.build_engine(deltas, n, keep_merged=False, stack=stack)
+        return engine.build_engine(deltas, n, keep_merged=False, stack=stack)
 
     monkeypatch.setattr(bench, "build_engine", wrong_engine)
     threads = torch.get_num_threads()

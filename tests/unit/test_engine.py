@@ -414,3 +414,38 @@ def test_complement_is_minus_the_others_concatenated_along_the_rank() -> None:
     assert complements({0: a}, 3).keys() == {1, 2}  # only LoRA 0 touches the layer: LoRA 0 alone needs nothing
     alone = complements({0: a, 1: b}, 2)[0]  # one other LoRA: its own factors, not a copy
     assert alone.down is b.down and alone.up is b.up and alone.scale == -b.scale
+
+
+class OwnLinear(nn.Module):
+    """A linear layer that is not an ``nn.Linear`` (Forge's ``ForgeOperations.Linear``)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_layers_that_are_linear_without_being_nn_linear(stack: bool) -> None:
+    layer, plain = OwnLinear(6, 5), nn.Linear(6, 5)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+    lows = [lora_linear(6, 5) for _ in range(2)]
+    dense = DenseDelta(lambda m: (merged_weight(m, lows[1]), None))
+    x = torch.randn(4, 6)
+    outputs = []
+    for module in (layer, plain):
+        eng = HookEngine(stack=stack)
+        eng.add(module, 0, lows[0])
+        eng.add(module, 1, dense)
+        eng.install()
+        with eng.active([(0, 0, 2), (1, 2, 4)]):
+            outputs.append(module(x))
+        eng.remove()
+    expected = torch.cat([merged(plain, lows[0])(x[:2]), merged(plain, lows[1])(x[2:])])
+    torch.testing.assert_close(outputs[0], expected, **TOL)
+    torch.testing.assert_close(outputs[1], expected, **TOL)

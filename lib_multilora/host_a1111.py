@@ -11,35 +11,24 @@ idempotently, from ``post_sample``, ``postprocess`` and ``p.close`` so nothing c
 
 from __future__ import annotations
 
-import logging
 import math
-import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .args import MERGE, ArgsError, MultiLoraArgs, label_of
-from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, complements
+from . import generation, webui
+from .args import MultiLoraArgs
+from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine
+from .generation import Resolved, unwrap_method, warn, wrap_method
 from .inner import MethodInner, runs_batched
-from .plan import select
 from .schedule import sampling_step
-from .tags import TAG_NAME, apply_tags, strip_malformed
-
-log = logging.getLogger("multilora")
 
 SAMPLER_METHODS = ("sample", "sample_img2img")
 #: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
 UNET_PREFIX = "diffusion_model"
-#: Every infotext key this extension writes starts with this.
-INFOTEXT_PREFIX = "Multi-LoRA"
-WARNING_LABEL = "Multi-LoRA warning"
-#: How many times the webui has activated extra networks (our tag network's ``activate`` runs in each activation).
-#: A pass that sees it move knows the host reloaded the built-in's LoRA list meanwhile, even when the new list looks
-#: like the one the pass left (loading a refiner checkpoint mid-sampling clears it: ``sd_models.get_empty_cond``).
-activations = 0
 #: The webui's model-type flags (``sd_models.set_model_type``) of the architectures the engine covers.
 SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
 
@@ -64,130 +53,21 @@ class Pass:
     sampler: Any
     model: nn.Module
     names: list[str]  # the composed LoRAs, by index
-    activations: int  # the webui's extra-network activations when the pass began
-
-
-@dataclass
-class Resolved:
-    """What a pass composes: the effective args, the built-in's loaded LoRAs, the composed ones (in order) and how
-    many times each is loaded (the webui merges one entry per mention)."""
-
-    args: MultiLoraArgs
-    loaded: list[Any]
-    composed: list[Any]
-    counts: list[int]
-
-
-def on_process(p: Any, script_args: tuple) -> None:
-    """Read the panel/API args once per generation; make cleanup unconditional via ``p.close``."""
-    adopt(p)
-    finish_pass(p)
-    p.multilora_tags = []
-    p.multilora_warnings = []
-    # X/Y/Z cells are shallow copies of one p sharing this dict: drop what an earlier cell wrote, write to our own
-    p.extra_generation_params = {
-        key: value for key, value in p.extra_generation_params.items() if not key.startswith(INFOTEXT_PREFIX)
-    }
-    try:
-        p.multilora_args = MultiLoraArgs.from_script_args(script_args)
-    except ArgsError as e:
-        p.multilora_args = MultiLoraArgs()
-        warn(p, f"bad script args: {e}; running without Multi-LoRA")
-    for attr in ("all_prompts", "all_hr_prompts"):
-        prompts = getattr(p, attr, None)
-        if prompts:
-            cleaned = [strip_malformed(prompt) for prompt in prompts]
-            setattr(p, attr, [c[0] for c in cleaned])
-            for message in dict.fromkeys(w for c in cleaned for w in c[1]):
-                warn(p, message)
-    override = getattr(p, "multilora_override", None)  # set by X/Y/Z axes
-    if override:
-        try:
-            p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
-        except ArgsError as e:
-            warn(p, f"bad X/Y/Z value: {e}")
-    if getattr(p, "multilora_cell_is_merge", False):
-        p.extra_generation_params[label_of("method")] = MERGE
-
-
-def adopt(p: Any) -> None:
-    """Wrap this ``p``'s ``close`` (cleanup that runs whatever happened) and ``calculate_hr_conds`` (the text-encoder
-    policy for the hires conds), once. ``copy(p)`` copies the instance dict, and with it the wrappers and pass state
-    of the original: they are dropped and this copy gets its own, so that its cleanup never undoes the original's."""
-    if vars(p).get("multilora_owner") is p:
-        return
-    for key in ("multilora_pass", "multilora_muted_te"):
-        vars(p).pop(key, None)
-    wrap_method(p, "close", close_generation)
-    wrap_method(p, "calculate_hr_conds", before_hires_conds)  # txt2img only
-    p.multilora_owner = p
-
-
-def wrap_method(p: Any, name: str, before: Callable[[Any], None]) -> None:
-    """``p.<name>`` as an instance attribute that runs ``before(p)`` first, then the method it replaces (also when
-    ``before`` raises). A wrapper copied from another ``p`` is unwrapped and its method rebound to this one."""
-    method = getattr(p, name, None)
-    if method is None:
-        return
-    source = getattr(method, "multilora_of", None)
-    if source is not None:
-        method = method.multilora_wrapped
-        if getattr(method, "__self__", None) is source:
-            method = types.MethodType(method.__func__, p)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            before(p)
-        finally:
-            result = method(*args, **kwargs)
-        return result
-
-    wrapper.multilora_of, wrapper.multilora_wrapped = p, method  # type: ignore[attr-defined]
-    setattr(p, name, wrapper)
-
-
-def close_generation(p: Any) -> None:
-    try:
-        finish_pass(p)
-    finally:
-        restore_text_encoder(p)
-
-
-def warn(p: Any, message: str) -> None:
-    """Tell the user in the infotext and the console, once per generation; never raise."""
-    warnings = vars(p).setdefault("multilora_warnings", [])
-    if message in warnings:
-        return
-    warnings.append(message)
-    text = f"Multi-LoRA: {message}"
-    log.warning(text)
-    p.comment(text)
-    p.extra_generation_params[WARNING_LABEL] = "; ".join(warnings)
+    activations: int  # the webui's extra-network activations when the pass began (webui.activations)
 
 
 def resolve(p: Any) -> Resolved | None:
-    """The effective args (panel, then tags) and the loaded/composed LoRAs for the current batch or pass, or None
-    when nothing is to be composed (disabled, or bad input, which is reported)."""
-    args = getattr(p, "multilora_args", None)
-    if args is None:
-        return None
-    args, tag_warnings = apply_tags(args, getattr(p, "multilora_tags", []))
-    for w in tag_warnings:
-        warn(p, w)
-    if not args.enabled:
-        return None
-    problems = args.problems()
-    if problems:
-        warn(p, "; ".join(problems) + "; running without Multi-LoRA")
-        return None
-    loaded = list(builtin_networks().loaded_networks)
-    selection = select([(n.name, network_names(n)) for n in loaded], args.lora_names)
-    for w in selection.warnings:
-        warn(p, w)
-    if selection.error:
-        warn(p, selection.error + "; running without Multi-LoRA")
-        return None
-    return Resolved(args, loaded, [loaded[i] for i in selection.composed], selection.counts)
+    """The composed LoRAs among the built-in's ``loaded_networks`` (see :func:`generation.resolve`). A LoRA written
+    twice is loaded twice and merged twice: it is composed at that many times its weight, and the user is told."""
+    resolved = generation.resolve(p, list(builtin_networks().loaded_networks))
+    for net, count in zip(resolved.composed, resolved.counts, strict=True) if resolved else ():
+        if count > 1:
+            warn(
+                p,
+                f"{net.name} appears {count} times in the prompt: the webui merges it {count} times, so it is "
+                f"composed as one LoRA at {count}x its weight",
+            )
+    return resolved
 
 
 def plan_pass(p: Any, resolved: Resolved) -> tuple[dict[nn.Module, dict[int, Delta]], dict[str, int]] | str:
@@ -222,21 +102,6 @@ def apply_text_encoder_policy(p: Any) -> None:
     p.cached_c, p.cached_uc = [None, None], [None, None]
     if hasattr(p, "cached_hr_c"):
         p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
-
-
-def before_hires_conds(p: Any) -> None:
-    """The webui computes the hires conds after re-activating the LoRAs for the hires pass (or during the first
-    pass's setup, with "use the first pass's conds"): they get the policy too, except when the hires pass runs merged
-    (hires mode Off)."""
-    try:
-        resolved = resolve(p)
-        if resolved is not None and resolved.args.hires == "Off":
-            restore_text_encoder(p)
-        else:
-            apply_text_encoder_policy(p)
-    except Exception as e:  # never break the generation: plain conds, said out loud
-        restore_text_encoder(p)
-        warn(p, f"internal error in the text-encoder policy for the hires pass, using All: {e!r}")
 
 
 def restore_text_encoder(p: Any) -> None:
@@ -351,13 +216,6 @@ def unsupported_model(model: Any) -> str | None:
     return f"{kind} models are not supported (SD1, SD2 and SDXL are)"
 
 
-def network_names(net: Any) -> frozenset[str]:
-    """Every name a loaded LoRA answers to (lora-block-weight renames ``name``; users type aliases)."""
-    disk = getattr(net, "network_on_disk", None)
-    names = {net.name, getattr(net, "mentioned_name", None), getattr(disk, "name", None), getattr(disk, "alias", None)}
-    return frozenset(n for n in names if n)
-
-
 def collect_deltas(
     composed: list[Any], counts: list[int], layer_mapping: dict[str, nn.Module]
 ) -> tuple[dict[nn.Module, dict[int, Delta]], dict[str, int]]:
@@ -387,20 +245,6 @@ def lora_functional() -> bool:
     from modules import shared
 
     return bool(getattr(shared.opts, "lora_functional", False))
-
-
-def build_engine(deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged: bool, stack: bool) -> HookEngine:
-    """The pass's hooks: with ``keep_merged`` (every delta plain low-rank) the composed LoRAs stay merged in the
-    weights, as the webui keeps them between generations, and LoRA k's hook subtracts the others
-    (:func:`complements`), so the pass touches no weight and costs the hooks only. Otherwise (LyCORIS types, DoRA:
-    deltas computed from the weight, which need not add up) the composed LoRAs are taken out of the weights for the
-    pass and LoRA k's hook adds its own delta. ``stack`` (batched Composite as batched matmuls) only pays on a GPU,
-    where it saves kernel launches; on a CPU the per-group loop is faster (bench/engine_micro.py: 1.2x)."""
-    engine = HookEngine(stack=stack)
-    for module, per_layer in deltas.items():
-        for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
-            engine.add(module, k, delta)
-    return engine
 
 
 def pads_to_inpainting(shape: tuple[int, ...], weight: torch.Tensor) -> bool:
@@ -499,7 +343,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
     )
     names = [n.name for n in composed]
     p.multilora_pass = Pass(
-        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names, activations
+        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names, webui.activations
     )
     p.extra_generation_params.update(args.infotext(names))
     if static is not None:
@@ -523,9 +367,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
 
 def finish_pass(p: Any) -> None:
     """Undo :func:`install`; safe to call any number of times, from any callback, after any failure."""
-    setup_conds = vars(p).get("setup_conds")
-    if getattr(setup_conds, "multilora_of", None) is p:
-        p.setup_conds = setup_conds.multilora_wrapped
+    unwrap_method(p, "setup_conds")
     state: Pass | None = vars(p).pop("multilora_pass", None)
     if state is None:
         return
@@ -543,7 +385,7 @@ def finish_pass(p: Any) -> None:
     networks = builtin_networks()
     current = networks.loaded_networks
     # Put the composed LoRAs back unless the host re-activated networks meanwhile (hires pass, refiner load).
-    untouched = state.activations == activations
+    untouched = state.activations == webui.activations
     if untouched and len(current) == len(static) and all(a is b for a, b in zip(current, static, strict=True)):
         current[:] = state.original_networks
         if state.model is current_model():  # a refiner switch unloaded it: it merges on its next forward, if ever
@@ -557,28 +399,3 @@ def remerge(networks: Any, modules: Iterable[nn.Module]) -> None:
         for module in modules:
             if hasattr(module, "network_current_names"):
                 networks.network_apply_weights(module)
-
-
-def tag_network() -> Any:
-    """The ``<multilora:...>`` extra network: the webui strips the tag and hands us its items per batch."""
-    from modules import extra_networks
-
-    class ExtraNetworkMultiLora(extra_networks.ExtraNetwork):
-        def __init__(self) -> None:
-            super().__init__(TAG_NAME)
-
-        def activate(self, p: Any, params_list: list[Any]) -> None:
-            global activations
-            activations += 1
-            p.multilora_tags = [list(map(str, params.items)) for params in params_list]
-
-        def deactivate(self, p: Any) -> None:
-            pass
-
-    return ExtraNetworkMultiLora()
-
-
-def register_tag_network() -> None:
-    from modules import extra_networks
-
-    extra_networks.register_extra_network(tag_network())
