@@ -285,6 +285,21 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
+#: "The same image": the largest pixel difference two exact computation paths may show.
+SAME = 2
+#: The most the noise floor may be for SAME to tell right from wrong. The random models are chaotic at strong LoRA
+#: weights (at 1.0, swapping two LoRAs' merge order alone moved pixels 14/255); a comparison of two paths runs where
+#: the reference computed two exact ways (e.g. that merge order swapped) stays within this, measured in the test.
+NOISE_FLOOR = 1
+
+
+def assert_noise_floor(a: np.ndarray, b: np.ndarray) -> None:
+    """Fail when two exact computations of one reference differ by more than NOISE_FLOOR: the strength is then too
+    chaotic for a SAME comparison to mean anything."""
+    floor = max_diff(a, b)
+    assert floor <= NOISE_FLOOR, f"noise floor {floor}/255 > {NOISE_FLOOR}: too chaotic at this strength"
+
+
 def trace(webui: WebuiClient) -> list[dict[str, Any]]:
     """The Multi-LoRA inner-model calls of the last generation, as the test probe recorded them."""
     return webui.get("/multilora-probe/trace")["calls"]

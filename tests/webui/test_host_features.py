@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON
+from .server import SAME, SKIP_REASON, assert_noise_floor
 
 if TYPE_CHECKING:
     from .conftest import WebuiAssets
@@ -31,8 +31,6 @@ from .test_methods import PROMPT, STEPS, TITLE, gen, max_diff, mean_diff, trace 
 from .test_no_trace import HIRES, assert_no_trace, plain, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
-
-SAME, FLOOR = 2, 1  # "the same image", and the most the noise floor may be for that to mean something
 
 
 def ml(**named: Any) -> dict[str, Any]:
@@ -58,8 +56,7 @@ def webui_options(webui: WebuiClient, values: dict[str, Any], defaults: dict[str
 
 
 def assert_floor(a: Any, b: Any) -> None:
-    floor = max_diff(a.image, b.image)
-    assert floor <= FLOOR, f"noise floor {floor}/255: too chaotic at this strength for a 2/255 comparison"
+    assert_noise_floor(a.image, b.image)
 
 
 # --------------------------------------------------------------------------------------------------------------------

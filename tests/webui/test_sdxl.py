@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON, max_diff, mean_diff, trace
+from .server import SKIP_REASON, assert_noise_floor, max_diff, mean_diff, trace
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,6 +36,8 @@ pytestmark = pytest.mark.usefixtures("sdxl", "no_tracebacks")
 TITLE = "Multi-LoRA Composition"
 PROMPT = "a photo of a cat"
 AB = f"{PROMPT} <lora:mlxA:1> <lora:mlxB:1>"
+#: Where the noise floor (the merge order swapped) stays within 1/255: for comparisons of two computation paths.
+AB_HALF, BA_HALF = f"{PROMPT} <lora:mlxA:0.5> <lora:mlxB:0.5>", f"{PROMPT} <lora:mlxB:0.5> <lora:mlxA:0.5>"
 STEPS = 8
 
 
@@ -117,11 +119,12 @@ def test_composite_over_one_lora_equals_plain_lora(webui: WebuiClient) -> None:
 
 
 def test_switch_with_tau_at_least_steps_equals_first_lora_in_unet(webui: WebuiClient) -> None:
-    reference = gen(webui, f"{PROMPT} <lora:mlxA:1> <lora:mlxB:1:0>")  # mlxB only in the text encoders
-    switch = gen(webui, AB, **multilora("Switch", tau=STEPS))
+    reference = gen(webui, f"{PROMPT} <lora:mlxA:0.5> <lora:mlxB:0.5:0>")  # mlxB only in the text encoders
+    assert_noise_floor(reference.image, gen(webui, f"{PROMPT} <lora:mlxB:0.5:0> <lora:mlxA:0.5>").image)
+    switch = gen(webui, AB_HALF, **multilora("Switch", tau=STEPS))
     assert [c["active"] for c in trace(webui)] == [[0]] * STEPS
     assert max_diff(reference.image, switch.image) <= 2
-    assert mean_diff(gen(webui, AB).image, switch.image) > 2, "differs from Merge"
+    assert mean_diff(gen(webui, AB_HALF).image, switch.image) > 2, "differs from Merge"
 
 
 def test_composite_output_is_mean_of_single_lora_outputs_each_step(webui: WebuiClient) -> None:
@@ -137,8 +140,9 @@ def test_composite_output_is_mean_of_single_lora_outputs_each_step(webui: WebuiC
 
 def test_batched_composite_equals_sequential(webui: WebuiClient) -> None:
     # the batched call replicates SDXL's cond dict (crossattn, vector, c_concat) row-wise per LoRA
-    sequential = gen(webui, AB, **multilora("Composite"))
-    batched = gen(webui, AB, **multilora("Composite", execution="Batched"))
+    assert_noise_floor(gen(webui, AB_HALF).image, gen(webui, BA_HALF).image)
+    sequential = gen(webui, AB_HALF, **multilora("Composite"))
+    batched = gen(webui, AB_HALF, **multilora("Composite", execution="Batched"))
     calls = trace(webui)
     assert len(calls) == STEPS
     for c in calls:
@@ -151,9 +155,9 @@ def test_batched_composite_equals_sequential(webui: WebuiClient) -> None:
 
 
 def test_text_encoder_first_keeps_only_the_first_lora_in_both_text_encoders(webui: WebuiClient) -> None:
-    gen(webui, AB)  # fills the webui's cond cache with both LoRAs in both text encoders
-    first = gen(webui, AB, **multilora("Switch", tau=STEPS, text_encoder="First"))
-    reference = gen(webui, f"{PROMPT} <lora:mlxA:1>")
+    assert_noise_floor(gen(webui, AB_HALF).image, gen(webui, BA_HALF).image)  # also fills the webui's cond cache
+    first = gen(webui, AB_HALF, **multilora("Switch", tau=STEPS, text_encoder="First"))
+    reference = gen(webui, f"{PROMPT} <lora:mlxA:0.5>")
     assert max_diff(first.image, reference.image) <= 2
     assert "Multi-LoRA text encoder: First" in first.infotext
 
