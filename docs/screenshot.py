@@ -1,7 +1,8 @@
 """Screenshot of the Multi-LoRA Composition panel in a real webui's txt2img tab (headless Chromium over CDP).
 
 Starts the webui with its gradio UI on a throwaway data dir (the tiny random SD1 model and test LoRAs of the
-real-webui test tier), types a prompt with three ``<lora>`` tags, opens the panel, picks Composite and saves a PNG.
+real-webui test tier), types a prompt with three ``<lora>`` tags, opens the panel, picks Composite, checks that the
+panel then shows Composite's controls only, and saves a PNG.
 
     SD_WEBUI_DIR=/path/to/webui /path/to/webui/venv/bin/python docs/screenshot.py [--out docs/panel.png]
 
@@ -63,6 +64,13 @@ SETUP_JS = """
     return true;
 })()
 """
+
+#: The panel shows the chosen method's controls only: with Composite, the execution and no τ (a hidden component has no
+#: offsetParent). A panel that does not get there fails the script.
+COMPOSITE_CONTROLS_JS = (
+    "gradioApp().querySelector('#txt2img_multilora_tau').offsetParent === null && "
+    "gradioApp().querySelector('#txt2img_multilora_execution').offsetParent !== null"
+)
 
 #: True once the server has answered the prompt's token count ("N/75" with N > 0; the inner .prose holds the answer).
 TOKENS_COUNTED_JS = (
@@ -206,6 +214,7 @@ def capture(cdp: Cdp, url: str, width: int, height: int) -> bytes:
         "gradioApp().querySelector('#txt2img_multilora .label-wrap').classList.contains('open') && "
         "gradioApp().querySelector('#txt2img_multilora_method input[value=\"Composite\"]').checked"
     )
+    cdp.wait_for(COMPOSITE_CONTROLS_JS, 30)
     cdp.evaluate("document.activeElement && document.activeElement.blur(), true")
     with contextlib.suppress(RuntimeError):  # cosmetic: the token counter asks the server after an 800 ms debounce
         cdp.wait_for(TOKENS_COUNTED_JS, 30)

@@ -34,10 +34,13 @@ def show_in_img2img() -> bool:
     return bool(getattr(shared.opts, "multilora_img2img", True))
 
 
-def build_panel(script: Any, is_img2img: bool) -> list[Any]:
-    """Create the panel, wire infotext paste-back, and return the components in positional-arg order."""
+def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -> list[Any]:
+    """Create the panel, wire infotext paste-back, and return the components in positional-arg order. With
+    ``unavailable`` (why this webui cannot run it) the panel says so first; generations then run as without it."""
     tab = "img2img" if is_img2img else "txt2img"
     with InputAccordion(False, label="Multi-LoRA Composition", elem_id=f"{tab}_multilora") as enabled:
+        if unavailable:
+            gr.Markdown(f"Multi-LoRA is off on this webui: {unavailable}.")
         with gr.Row():
             method = gr.Radio(list(METHODS), value=default("method"), label="Method", elem_id=f"{tab}_multilora_method")
             tau = gr.Slider(
@@ -47,6 +50,7 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
                 step=1,
                 label="Switch every τ steps",
                 elem_id=f"{tab}_multilora_tau",
+                visible=default("method") == "Switch",
             )
         loras = gr.Textbox(
             value="",
@@ -59,6 +63,7 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
             value=default("execution"),
             label="Composite execution",
             elem_id=f"{tab}_multilora_execution",
+            visible=default("method") == "Composite",
         )
         with gr.Row():
             text_encoder = gr.Radio(
@@ -80,6 +85,7 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
         "text_encoder": text_encoder,
         "hires": hires,
     }
+    method.change(fn=method_controls, inputs=[method], outputs=[tau, execution], show_progress=False)
     wire_preview(script, preview, enabled, components)
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
@@ -87,6 +93,12 @@ def build_panel(script: Any, is_img2img: bool) -> list[Any]:
     ]
     script.paste_field_names = [label_of(name) for name in field_names() if name != "enabled"]
     return [components[name] for name in field_names()]
+
+
+def method_controls(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Show only the controls of the chosen method: τ for Switch, the execution for Composite (their values are kept
+    and still reach the args, so a paste-back or an API call sees the same fields)."""
+    return gr.update(visible=method == "Switch"), gr.update(visible=method == "Composite")
 
 
 def on_ui_settings() -> None:
