@@ -361,8 +361,15 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
 
         setattr(p.sampler, name, run_then_finish)
     # A refiner switch mid-sampling loads another model and computes its conds through p.setup_conds: the pass ends
-    # there, and the refiner part runs as the webui runs it (every LoRA merged).
-    wrap_method(p, "setup_conds", finish_pass)
+    # there, and the refiner part runs as the webui runs it.
+    wrap_method(p, "setup_conds", end_at_refiner)
+
+
+def end_at_refiner(p: Any) -> None:
+    """The webui switches to the refiner checkpoint mid-sampling: end the pass there, and say so."""
+    if "multilora_pass" in vars(p):
+        warn(p, "the refiner part runs without Multi-LoRA, as the webui runs it")
+    finish_pass(p)
 
 
 def finish_pass(p: Any) -> None:

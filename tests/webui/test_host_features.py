@@ -341,9 +341,22 @@ def test_refiner_part_runs_as_the_webui_runs_it(
     # half way: the method runs before the switch only, and nothing is left behind
     halfway = {"refiner_checkpoint": alt, "refiner_switch_at": 0.5}
     before = snapshot(webui, plain(webui, prompt, **halfway))
-    gen(webui, prompt, **halfway, **ml(method="Composite"))
+    result = gen(webui, prompt, **halfway, **ml(method="Composite"))
     assert 0 < len(trace(webui)) < STEPS
+    assert "the refiner part runs without Multi-LoRA" in result.infotext
     assert_no_trace(webui, plain(webui, prompt, **halfway), before)
+
+
+def test_refiner_of_the_same_checkpoint_changes_nothing(webui: WebuiClient, alt_checkpoint: tuple[str, str]) -> None:
+    """The webui does not switch to a refiner that is the loaded checkpoint: the method runs every step."""
+    original, _ = alt_checkpoint
+    prompt = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>"
+    same = {"refiner_checkpoint": original, "refiner_switch_at": 0.5}
+    before = snapshot(webui, plain(webui, prompt, **same))
+    result = gen(webui, prompt, **same, **ml(method="Composite"))
+    assert len(trace(webui)) == STEPS and "refiner part" not in result.infotext
+    assert max_diff(result.image, gen(webui, prompt, **ml(method="Composite")).image) == 0
+    assert_no_trace(webui, plain(webui, prompt, **same), before)
 
 
 def test_plms_extra_first_call_counts_as_the_webuis_step_counter_does(webui: WebuiClient) -> None:
