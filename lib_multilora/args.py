@@ -41,6 +41,8 @@ class MultiLoraArgs:
     text_encoder: str = field(default="All", metadata=_label("Multi-LoRA text encoder", TEXT_ENCODER_POLICIES))
     # Hires pass: Restart the schedule at its first step, Continue counting from the first pass, or Off (merged).
     hires: str = field(default="Restart", metadata=_label("Multi-LoRA hires", HIRES_MODES))
+    # Composite: a mixing weight per composed LoRA, in composed order ("2,1,1"), normalised to sum 1; empty = equal.
+    weights: str = field(default="", metadata=_label("Multi-LoRA composite weights"))
 
     @property
     def lora_names(self) -> list[str]:
@@ -66,6 +68,8 @@ class MultiLoraArgs:
         out[label_of("loras")] = ", ".join(composed)
         if self.method == "Composite" and self.execution != MultiLoraArgs.execution:
             out[label_of("execution")] = self.execution
+        if self.method == "Composite" and self.weights.strip():
+            out[label_of("weights")] = self.weights.strip()
         for name in ("text_encoder", "hires"):
             if getattr(self, name) != getattr(MultiLoraArgs, name):
                 out[label_of(name)] = getattr(self, name)

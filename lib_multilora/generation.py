@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from .args import MERGE, ArgsError, MultiLoraArgs, label_of
-from .plan import select
+from .plan import composite_weights, select
 from .tags import apply_tags, strip_malformed
 
 log = logging.getLogger("multilora")
@@ -215,3 +215,20 @@ def network_names(net: Any) -> frozenset[str]:
     disk = getattr(net, "network_on_disk", None)
     names = {net.name, getattr(net, "mentioned_name", None), getattr(disk, "name", None), getattr(disk, "alias", None)}
     return frozenset(n for n in names if n)
+
+
+def pass_weights(p: Any, args: MultiLoraArgs, n: int) -> list[float] | None:
+    """Composite's mixing weights for this pass's ``n`` composed LoRAs (None: the plain mean); a bad value is said."""
+    if args.method != "Composite":
+        return None
+    weights, problem = composite_weights(args.weights, n)
+    if problem:
+        warn(p, problem)
+    return weights
+
+
+def report_unscheduled(p: Any, wrapper: Any, names: list[str]) -> None:
+    """After a pass: name the LoRAs a Switch schedule never reached (more LoRAs than its steps allow)."""
+    missed = [names[k] for k in wrapper.unscheduled()]
+    if missed:
+        warn(p, f"{', '.join(missed)} got no step (more LoRAs than the steps run allow at this switch interval)")

@@ -22,7 +22,7 @@ from torch import nn
 from . import generation, webui
 from .args import MultiLoraArgs
 from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine
-from .generation import Resolved, unwrap_method, warn, wrap_method
+from .generation import Resolved, report_unscheduled, unwrap_method, warn, wrap_method
 from .inner import MethodInner, runs_batched
 from .schedule import sampling_step
 
@@ -328,6 +328,7 @@ def _low_rank(net_module: Any, dyn: bool) -> tuple[torch.Tensor, torch.Tensor, f
 def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, step_offset: int) -> None:
     args, loaded, composed = resolved.args, resolved.loaded, resolved.composed
     static = None if keep_merged else [n for n in loaded if all(n is not c for c in composed)]
+    weights = generation.pass_weights(p, args, len(composed))
     denoiser = p.sampler.model_wrap_cfg
     original_inner = denoiser.inner_model
     wrapper = MethodInner(
@@ -340,6 +341,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
         observer=getattr(p, "multilora_observer", None),  # set by the test probe
         batched=runs_batched(args.execution, webui_device()) and not splits_batch(p, args),
         warn=lambda message: warn(p, message),
+        weights=weights,
     )
     names = [n.name for n in composed]
     p.multilora_pass = Pass(
@@ -383,9 +385,7 @@ def finish_pass(p: Any) -> None:
         vars(state.sampler).pop(name, None)
     if state.denoiser._modules.get("model_wrap") is state.wrapper:
         state.denoiser.model_wrap = state.original_inner
-    unused = [name for k, name in enumerate(state.names) if k not in state.wrapper.used]
-    if state.wrapper.used and unused:
-        warn(p, f"{', '.join(unused)} got no step (more LoRAs than the steps run allow at this switch interval)")
+    report_unscheduled(p, state.wrapper, state.names)
     static = state.static_networks
     if static is None:  # the composed LoRAs stayed merged: no weight was touched
         return

@@ -18,14 +18,20 @@ from .engine import HookEngine
 from .schedule import switch_index
 
 
-def composite_mean(outputs: list[Any]) -> Any:
-    """fp32 mean of the per-LoRA outputs, returned in the outputs' dtype; outputs that are tuples, lists or dicts of
-    tensors (an inner model other than the webui's own) are averaged element by element."""
+def composite_mean(outputs: list[Any], weights: list[float] | None = None) -> Any:
+    """fp32 mean of the per-LoRA outputs (weighted by ``weights``, which sum to 1, if given), returned in the outputs'
+    dtype; outputs that are tuples, lists or dicts of tensors (an inner model other than the webui's own) are
+    averaged element by element."""
     first = outputs[0]
     if isinstance(first, dict):
-        return {key: composite_mean([out[key] for out in outputs]) for key in first}
+        return {key: composite_mean([out[key] for out in outputs], weights) for key in first}
     if type(first) in (list, tuple):
-        return type(first)(composite_mean(list(parts)) for parts in zip(*outputs, strict=True))
+        return type(first)(composite_mean(list(parts), weights) for parts in zip(*outputs, strict=True))
+    if weights is not None:
+        acc = first.float() * weights[0]
+        for w, out in zip(weights[1:], outputs[1:], strict=True):
+            acc = acc + out.float() * w
+        return acc.to(first.dtype)
     acc = first.float()
     for out in outputs[1:]:
         acc = acc + out.float()
@@ -57,7 +63,8 @@ class MethodInner(nn.Module):
     second-order samplers stay on the right LoRA). ``observer(step, active, (args, kwargs), result)`` sees every
     call after it ran: the trace the tests and the infotext read. ``batched`` runs Composite as one call on the batch
     replicated per LoRA; it falls back to sequential calls for the rest of the pass, saying why through ``warn``,
-    when that runs out of memory or another extension changes the number of rows.
+    when that runs out of memory or another extension changes the number of rows. ``weights`` (Composite, one per
+    LoRA, summing to 1; None: the plain mean) weight the mean; a LoRA of weight 0 is not run at all.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class MethodInner(nn.Module):
         observer: Callable[[int, list[int], tuple[tuple, dict], torch.Tensor], None] | None = None,
         batched: bool = False,
         warn: Callable[[str], None] | None = None,
+        weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -78,6 +86,7 @@ class MethodInner(nn.Module):
         self._method, self._n, self._tau = method, n_loras, tau
         self._step, self._observer = step, observer
         self.batched, self._warn = batched, warn
+        self.weights = weights
         self.used: set[int] = set()  # LoRAs that ran in at least one call
 
     def __getattr__(self, name: str) -> Any:
@@ -90,7 +99,17 @@ class MethodInner(nn.Module):
         """Indices of the LoRAs run (one pass each) for the current call."""
         if self._method == "Switch":
             return [switch_index(self._step(), self._tau, self._n)]
-        return list(range(self._n))
+        return [k for k in range(self._n) if self.weights is None or self.weights[k] > 0]
+
+    def unscheduled(self) -> list[int]:
+        """The LoRAs a Switch schedule never reached in the calls made so far (none before any call; a Composite LoRA
+        of weight 0 is not run by design)."""
+        if self._method != "Switch" or not self.used:
+            return []
+        return [k for k in range(self._n) if k not in self.used]
+
+    def _weights_of(self, active: list[int]) -> list[float] | None:
+        return None if self.weights is None else [self.weights[k] for k in active]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = self.active_loras()
@@ -101,7 +120,7 @@ class MethodInner(nn.Module):
             for k in active:
                 with self.engine.active([(k, 0, None)]):
                     outputs.append(self.inner(*args, **kwargs))
-            result = outputs[0] if len(outputs) == 1 else composite_mean(outputs)
+            result = outputs[0] if len(outputs) == 1 else composite_mean(outputs, self._weights_of(active))
         if self._observer is not None:
             self._observer(self._step(), active, (args, kwargs), result)
         return result
@@ -126,7 +145,7 @@ class MethodInner(nn.Module):
             return self._fall_back(f"the model returned a {type(out).__name__}, not one tensor")
         if out.shape[0] != n * rows:
             return self._fall_back(f"the model returned {out.shape[0]} rows for {n}x{rows} (another extension?)")
-        return composite_mean(list(out.split(rows)))
+        return composite_mean(list(out.split(rows)), self._weights_of(active))
 
     def _call_replicated(self, active: list[int], rows: int, args: tuple, kwargs: dict) -> tuple[Any, bool]:
         """The inner model's output on the batch replicated per LoRA, and whether a hooked layer could not tell the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -51,3 +52,26 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
     if len(out.composed) == 1:
         out.warnings.append(f"only one LoRA ({loaded[out.composed[0]][0]}): same result as plain <lora>")
     return out
+
+
+def composite_weights(text: str, n: int) -> tuple[list[float] | None, str | None]:
+    """Composite's mixing weights for ``n`` composed LoRAs from ``"2,1,1"``, normalised to sum 1, and what was wrong
+    with ``text`` if anything. None for equal weights: the paper's plain mean, computed exactly as without weights
+    (also for a bad value, which the message names)."""
+    if not text.strip():
+        return None, None
+    fallback = "; using equal weights"
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        return None, f"composite weights {text!r} are not comma-separated numbers{fallback}"
+    if len(values) != n:
+        return None, f"composite weights {text!r}: {len(values)} weight(s) for {n} composed LoRA(s){fallback}"
+    if not all(math.isfinite(v) for v in values) or any(v < 0 for v in values):
+        return None, f"composite weights {text!r}: each must be a finite number >= 0{fallback}"
+    total = sum(values)
+    if total == 0:
+        return None, f"composite weights {text!r} are all zero{fallback}"
+    if len(set(values)) == 1:
+        return None, None
+    return [v / total for v in values], None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from .args import MultiLoraArgs
+from .plan import composite_weights
 from .schedule import describe_schedule
 from .tags import TAG_NAME, apply_tags
 
@@ -32,5 +33,11 @@ def preview_text(prompt: str, steps: int, args: MultiLoraArgs) -> str:
     if not names:
         return "No <lora> tags to compose in the prompt."
     if args.method == "Composite":
-        return f"Composite, every step: mean of {' | '.join(names)} ({len(names)} UNet passes per step)."
+        weights, problem = composite_weights(args.weights, len(names))
+        if weights is None:
+            mixed = f"mean of {' | '.join(names)}" + (f" ({problem})" if problem else "")
+        else:
+            mixed = "weighted mean of " + " | ".join(f"{name} {w:.2f}" for name, w in zip(names, weights, strict=True))
+        passes = len(names) if weights is None else sum(w > 0 for w in weights)
+        return f"Composite, every step: {mixed} ({passes} UNet passes per step)."
     return f"Switch every {args.tau} of {steps} steps: {describe_schedule(steps, args.tau, names)}"

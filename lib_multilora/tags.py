@@ -7,6 +7,7 @@ Grammar (items are what the webui splits on ``:``; ``key=value`` items are named
     <multilora:composite>         Composite
     <multilora:off>               disable for this prompt
     <multilora:composite:loras=charA,styleC>   compose only these; other <lora> tags stay merged
+    <multilora:composite:weights=2,1,1>        Composite with these mixing weights (composed order)
 
 Tags win over the panel. A malformed tag is ignored with a warning; it never raises.
 """
@@ -66,14 +67,16 @@ def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
     method = canonical_method(first)
     if method not in METHODS:
         raise ArgsError(f"unknown method {positional[0]!r}")
-    unknown = set(named) - {"tau", "loras"}
+    unknown = set(named) - {"tau", "loras", "weights"}
     if unknown:
-        raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: tau, loras")
+        raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: tau, loras, weights")
+    if "weights" in named and method != "Composite":
+        raise ArgsError("weights only apply to composite")
     tau_text = named.get("tau", positional[1] if len(positional) > 1 else None)
     if tau_text is not None and method != "Switch":
         raise ArgsError("an interval only applies to switch")
     tau = args.tau if tau_text is None else to_int(tau_text, "tau")
     if tau < 1:
         raise ArgsError(f"tau must be at least 1, got {tau}")
-    loras = named.get("loras", args.loras)
-    return replace(args, enabled=True, method=method, tau=tau, loras=loras)
+    loras, weights = named.get("loras", args.loras), named.get("weights", args.weights)
+    return replace(args, enabled=True, method=method, tau=tau, loras=loras, weights=weights)

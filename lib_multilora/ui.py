@@ -58,13 +58,21 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
             placeholder="empty = every <lora> in the prompt; names here are composed, the others stay merged",
             elem_id=f"{tab}_multilora_loras",
         )
-        execution = gr.Radio(
-            list(EXECUTIONS),
-            value=default("execution"),
-            label="Composite execution",
-            elem_id=f"{tab}_multilora_execution",
-            visible=default("method") == "Composite",
-        )
+        with gr.Row():
+            execution = gr.Radio(
+                list(EXECUTIONS),
+                value=default("execution"),
+                label="Composite execution",
+                elem_id=f"{tab}_multilora_execution",
+                visible=default("method") == "Composite",
+            )
+            weights = gr.Textbox(
+                value="",
+                label="Composite weights",
+                placeholder="empty = equal; e.g. 2,1,1 in composed order",
+                elem_id=f"{tab}_multilora_weights",
+                visible=default("method") == "Composite",
+            )
         with gr.Row():
             text_encoder = gr.Radio(
                 list(TEXT_ENCODER_POLICIES),
@@ -84,8 +92,9 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
         "execution": execution,
         "text_encoder": text_encoder,
         "hires": hires,
+        "weights": weights,
     }
-    method.change(fn=method_controls, inputs=[method], outputs=[tau, execution], show_progress=False)
+    method.change(fn=method_controls, inputs=[method], outputs=[tau, execution, weights], show_progress=False)
     wire_preview(script, preview, enabled, components)
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
@@ -95,10 +104,11 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
     return [components[name] for name in field_names()]
 
 
-def method_controls(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Show only the controls of the chosen method: τ for Switch, the execution for Composite (their values are kept
-    and still reach the args, so a paste-back or an API call sees the same fields)."""
-    return gr.update(visible=method == "Switch"), gr.update(visible=method == "Composite")
+def method_controls(method: str) -> tuple[dict[str, Any], ...]:
+    """Show only the controls of the chosen method: τ for Switch, execution and weights for Composite (their values
+    are kept and still reach the args, so a paste-back or an API call sees the same fields)."""
+    composite = gr.update(visible=method == "Composite")
+    return gr.update(visible=method == "Switch"), composite, composite
 
 
 def on_ui_settings() -> None:

@@ -50,6 +50,7 @@ def add_axes() -> None:
             option(f"{PREFIX}Composite execution", str, field_axis("execution"), choices=choices(EXECUTIONS)),
             option(f"{PREFIX}Text encoder", str, field_axis("text_encoder"), choices=choices(TEXT_ENCODER_POLICIES)),
             option(f"{PREFIX}Hires pass", str, field_axis("hires"), choices=choices(HIRES_MODES)),
+            option(f"{PREFIX}Composite weights", str, field_axis("weights")),
         ]
     )
 

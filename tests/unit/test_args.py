@@ -75,3 +75,11 @@ def test_execution_is_in_the_infotext_for_composite_only_when_not_default(execut
     assert MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()}) == composite
     assert "Multi-LoRA composite execution" not in MultiLoraArgs(True, "Switch", execution=execution).infotext(["A"])
     assert "Multi-LoRA composite execution" not in MultiLoraArgs(True, "Composite").infotext(["A"])
+
+
+def test_composite_weights_are_in_the_infotext_and_read_back() -> None:
+    composite = MultiLoraArgs(True, "Composite", loras="A, B", weights="2,1")
+    info = composite.infotext(composite.lora_names)
+    assert info["Multi-LoRA composite weights"] == "2,1"
+    assert MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()}) == composite
+    assert "Multi-LoRA composite weights" not in MultiLoraArgs(True, "Switch", weights="2,1").infotext(["A", "B"])

@@ -245,3 +245,31 @@ def test_switch_ignores_batched_and_auto_batches_on_cuda_only() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [runs_batched(e, cpu) for e in ("Sequential", "Batched", "Auto")] == [False, True, False]
     assert [runs_batched(e, cuda) for e in ("Sequential", "Batched", "Auto")] == [False, True, True]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_weighted_composite_is_the_weighted_mean_and_skips_weight_zero(batched: bool) -> None:
+    inner, eng = cond_setup(3)
+    args, kwargs = cond_args("sd1")
+    singles = []
+    for k in range(3):
+        with eng.active([(k, 0, None)]):
+            singles.append(inner(*args, **kwargs))
+    weights = [0.5, 0.0, 0.5]
+    calls: list[list[int]] = []
+    wrapped = MethodInner(
+        inner,
+        eng,
+        "Composite",
+        3,
+        5,
+        step=lambda: 0,
+        batched=batched,
+        weights=weights,
+        observer=lambda s, active, call, out: calls.append(active),
+    )
+    got = wrapped(*args, **kwargs)
+    torch.testing.assert_close(got, 0.5 * singles[0] + 0.5 * singles[2], atol=1e-5, rtol=1e-5)
+    assert calls == [[0, 2]], "the weight-0 LoRA is not run"
+    only_first = MethodInner(inner, eng, "Composite", 3, 5, step=lambda: 0, batched=batched, weights=[1.0, 0.0, 0.0])
+    assert torch.equal(only_first(*args, **kwargs), singles[0]), "one LoRA of weight 1: exactly its output"

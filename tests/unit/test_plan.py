@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from lib_multilora.plan import select
+import pytest
+
+from lib_multilora.plan import composite_weights, select
 
 
 def net(name: str, *aliases: str) -> tuple[str, frozenset[str]]:
@@ -44,3 +46,25 @@ def test_counts_follow_the_requested_subset() -> None:
 def test_one_lora_loaded_twice_is_one_lora() -> None:
     s = select([net("A"), net("A")], [])
     assert (s.composed, s.counts) == ([0], [2]) and "only one LoRA (A)" in s.warnings[0]
+
+
+def test_composite_weights_normalise_and_equal_ones_are_the_plain_mean() -> None:
+    assert composite_weights("2,1,1", 3) == ([0.5, 0.25, 0.25], None)
+    assert composite_weights(" 1, 0 ", 2) == ([1.0, 0.0], None)
+    assert composite_weights("", 3) == (None, None)
+    assert composite_weights("3,3,3", 3) == (None, None), "equal weights: the mean as computed without weights"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("2,1", "2 weight(s) for 3 composed LoRA(s)"),
+        ("1,-1,1", "each must be a finite number >= 0"),
+        ("1,nan,1", "each must be a finite number >= 0"),
+        ("0,0,0", "all zero"),
+        ("a,b,c", "not comma-separated numbers"),
+    ],
+)
+def test_bad_composite_weights_name_the_problem_and_fall_back_to_equal(text: str, problem: str) -> None:
+    weights, message = composite_weights(text, 3)
+    assert weights is None and problem in message and message.endswith("using equal weights")

@@ -20,6 +20,16 @@ def test_composite_preview_and_subset() -> None:
     assert text == "Composite, every step: mean of charA | styleC (2 UNet passes per step)."
 
 
+def test_composite_preview_shows_the_weights_and_the_passes_they_cost() -> None:
+    text = preview_text(PROMPT + " <multilora:composite:weights=2,0,2>", 20, MultiLoraArgs())
+    assert (
+        text
+        == "Composite, every step: weighted mean of charA 0.50 | outfitB 0.00 | styleC 0.50 (2 UNet passes per step)."
+    )
+    bad = preview_text(PROMPT, 20, MultiLoraArgs(True, "Composite", weights="1,2"))
+    assert "mean of charA | outfitB | styleC (composite weights '1,2': 2 weight(s) for 3" in bad
+
+
 def test_tags_in_prompt_win_and_problems_show() -> None:
     assert preview_text(PROMPT + " <multilora:switch:6>", 12, MultiLoraArgs()).startswith("Switch every 6 of 12")
     assert preview_text(PROMPT, 12, MultiLoraArgs()).startswith("Off")

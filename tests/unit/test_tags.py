@@ -16,6 +16,7 @@ BASE = MultiLoraArgs()
         (["Switch", "tau=2"], MultiLoraArgs(True, "Switch", 2)),
         (["composite"], MultiLoraArgs(True, "Composite", 5)),
         (["composite", "loras=A,B"], MultiLoraArgs(True, "Composite", 5, "A,B")),
+        (["composite", "weights=2,1,1"], MultiLoraArgs(True, "Composite", 5, weights="2,1,1")),
     ],
 )
 def test_valid_tags(items: list[str], expected: MultiLoraArgs) -> None:
@@ -42,6 +43,7 @@ def test_tags_win_over_panel_and_later_tags_win() -> None:
         ["switch", "foo=1"],
         ["off", "1"],
         ["switch", "1.5"],
+        ["switch", "weights=1,2"],
     ],
 )
 def test_malformed_tags_warn_and_leave_args_unchanged(items: list[str]) -> None:

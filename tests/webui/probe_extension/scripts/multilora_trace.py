@@ -2,8 +2,8 @@
 
 Loaded by the real-webui tier only (linked into the test data dir's extensions). Endpoints:
 - ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices, the built-in's loaded
-  networks during the call and, for Composite, how far the returned output is from the mean of freshly recomputed
-  single-LoRA outputs.
+  networks during the call and, for Composite, how far the returned output is from the (weighted) mean of freshly
+  recomputed single-LoRA outputs.
 - ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, one of what the built-in
   records as merged into each layer (``network_current_names``: a mismatch would make it skip a needed re-merge), the
   number of forward hooks on them, and the built-in's loaded networks: equal before and after a generation means no
@@ -44,7 +44,11 @@ class MultiLoraTraceProbe(scripts.Script):
                 for k in active:
                     with wrapper.engine.active([(k, 0, None)]):
                         singles.append(wrapper.inner(*a, **kw).float())
-                mean = torch.stack(singles).mean(0)
+                weights = wrapper.weights
+                if weights is None:
+                    mean = torch.stack(singles).mean(0)
+                else:
+                    mean = sum(weights[k] * single for k, single in zip(active, singles, strict=True))
                 entry["diff_vs_mean"] = (mean - result.float()).abs().max().item()
                 entry["spread"] = (singles[0] - singles[-1]).abs().max().item()
             calls.append(entry)
