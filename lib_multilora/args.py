@@ -6,6 +6,7 @@ read :data:`FIELDS`, so adding a setting means adding one line there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -43,6 +44,16 @@ class MultiLoraArgs:
     hires: str = field(default="Restart", metadata=_label("Multi-LoRA hires", HIRES_MODES))
     # Composite: a mixing weight per composed LoRA, in composed order ("2,1,1"), normalised to sum 1; empty = equal.
     weights: str = field(default="", metadata=_label("Multi-LoRA composite weights"))
+    # The step window the method runs in, as prompt editing writes steps: up to 1 a fraction of the pass's steps (so
+    # 1 is its end), above 1 a step number. Outside it every LoRA acts merged, as in a plain generation.
+    start: float = field(default=0.0, metadata=_label("Multi-LoRA start"))
+    end: float = field(default=1.0, metadata=_label("Multi-LoRA end"))
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        """The step window (start, end), or None for the whole pass (the default)."""
+        default = (MultiLoraArgs.start, MultiLoraArgs.end)
+        return None if (self.start, self.end) == default else (self.start, self.end)
 
     @property
     def lora_names(self) -> list[str]:
@@ -58,6 +69,10 @@ class MultiLoraArgs:
                 out.append(f"unknown {f.name.replace('_', ' ')} {value!r} (expected one of {', '.join(choices)})")
         if self.method == "Switch" and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             out.append(f"switch interval must be a positive whole number of steps, got {self.tau!r}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                out.append(f"step window {name} must be a number >= 0, got {value!r}")
         return out
 
     def infotext(self, composed: list[str]) -> dict[str, str | int]:
@@ -70,7 +85,7 @@ class MultiLoraArgs:
             out[label_of("execution")] = self.execution
         if self.method == "Composite" and self.weights.strip():
             out[label_of("weights")] = self.weights.strip()
-        for name in ("text_encoder", "hires"):
+        for name in ("text_encoder", "hires", "start", "end"):
             if getattr(self, name) != getattr(MultiLoraArgs, name):
                 out[label_of(name)] = getattr(self, name)
         return out
@@ -129,6 +144,17 @@ def to_int(value: Any, name: str) -> int:
     raise ArgsError(f"{name} must be a whole number, got {value!r}")
 
 
+def to_float(value: Any, name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ArgsError(f"{name} must be a number, got {value!r}")
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name == "enabled":
         if not isinstance(value, (bool, int)):
@@ -136,6 +162,8 @@ def _coerce(name: str, value: Any) -> Any:
         return bool(value)
     if name == "tau":
         return to_int(value, "tau")
+    if name in ("start", "end"):
+        return to_float(value, name)
     if not isinstance(value, str):
         raise ArgsError(f"{name} must be a string, got {value!r}")
     choices = next(f.metadata["choices"] for f in fields(MultiLoraArgs) if f.name == name)

@@ -232,3 +232,18 @@ def report_unscheduled(p: Any, wrapper: Any, names: list[str]) -> None:
     missed = [names[k] for k in wrapper.unscheduled()]
     if missed:
         warn(p, f"{', '.join(missed)} got no step (more LoRAs than the steps run allow at this switch interval)")
+
+
+def empty_window(p: Any, args: MultiLoraArgs) -> bool:
+    """Whether the step window is empty (``start == end``): then nothing is installed and the image is Merge's,
+    bitwise, which the user is told."""
+    if args.window is None or args.start != args.end:
+        return False
+    warn(p, f"the step window {args.start:g}-{args.end:g} is empty: every step runs merged, as Merge")
+    return True
+
+
+def merged_groups(n: int, keep_merged: bool) -> tuple[tuple[int, int, None], ...]:
+    """The row groups under which every composed LoRA acts merged: none where the weights hold them all, each one
+    over every row where the pass took them out of the weights."""
+    return () if keep_merged else tuple((k, 0, None) for k in range(n))

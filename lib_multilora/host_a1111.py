@@ -127,6 +127,8 @@ def start_pass(p: Any) -> None:
         if resolved.args.hires == "Off":
             return
         offset = p.steps if resolved.args.hires == "Continue" else 0
+    if generation.empty_window(p, resolved.args):
+        return
     planned = plan_pass(p, resolved)
     if isinstance(planned, str):
         warn(p, f"{planned}; running without Multi-LoRA")
@@ -342,6 +344,9 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
         batched=runs_batched(args.execution, webui_device()) and not splits_batch(p, args),
         warn=lambda message: warn(p, message),
         weights=weights,
+        window=args.window,
+        steps=lambda: step_offset + (denoiser.steps or 0),
+        merged=generation.merged_groups(len(composed), keep_merged),
     )
     names = [n.name for n in composed]
     p.multilora_pass = Pass(

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import HookEngine
-from .schedule import switch_index
+from .engine import Group, HookEngine
+from .schedule import switch_index, window_steps
 
 
 def composite_mean(outputs: list[Any], weights: list[float] | None = None) -> Any:
@@ -64,7 +64,11 @@ class MethodInner(nn.Module):
     call after it ran: the trace the tests and the infotext read. ``batched`` runs Composite as one call on the batch
     replicated per LoRA; it falls back to sequential calls for the rest of the pass, saying why through ``warn``,
     when that runs out of memory or another extension changes the number of rows. ``weights`` (Composite, one per
-    LoRA, summing to 1; None: the plain mean) weight the mean; a LoRA of weight 0 is not run at all.
+    LoRA, summing to 1; None: the plain mean) weight the mean; a LoRA of weight 0 is not run at all. ``window``
+    (start, end) bounds the steps the method runs in (:func:`window_steps` of ``steps()``, the pass's step count,
+    called on each call); outside it the call runs with ``merged`` active, the row groups under which every LoRA acts
+    merged (none where the weights hold them all; all of them where the pass took them out), and a Switch schedule
+    starts at the window's first step.
     """
 
     def __init__(
@@ -79,6 +83,9 @@ class MethodInner(nn.Module):
         batched: bool = False,
         warn: Callable[[str], None] | None = None,
         weights: list[float] | None = None,
+        window: tuple[float, float] | None = None,
+        steps: Callable[[], int] | None = None,
+        merged: tuple[Group, ...] = (),
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -87,6 +94,7 @@ class MethodInner(nn.Module):
         self._step, self._observer = step, observer
         self.batched, self._warn = batched, warn
         self.weights = weights
+        self._window, self._steps, self._merged = window, steps, merged
         self.used: set[int] = set()  # LoRAs that ran in at least one call
 
     def __getattr__(self, name: str) -> Any:
@@ -96,9 +104,15 @@ class MethodInner(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def active_loras(self) -> list[int]:
-        """Indices of the LoRAs run (one pass each) for the current call."""
+        """Indices of the LoRAs run (one pass each) for the current call; none outside the window."""
+        step, first = self._step(), 0
+        if self._window is not None and self._steps is not None:
+            window = window_steps(*self._window, self._steps())
+            if step not in window:
+                return []
+            first = window.start
         if self._method == "Switch":
-            return [switch_index(self._step(), self._tau, self._n)]
+            return [switch_index(step - first, self._tau, self._n)]
         return [k for k in range(self._n) if self.weights is None or self.weights[k] > 0]
 
     def unscheduled(self) -> list[int]:
@@ -114,16 +128,24 @@ class MethodInner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = self.active_loras()
         self.used.update(active)
-        result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
-        if result is None:
-            outputs = []
-            for k in active:
-                with self.engine.active([(k, 0, None)]):
-                    outputs.append(self.inner(*args, **kwargs))
-            result = outputs[0] if len(outputs) == 1 else composite_mean(outputs, self._weights_of(active))
+        if not active:  # outside the window: every LoRA acts merged, as in a plain generation
+            with self.engine.active(self._merged):
+                result = self.inner(*args, **kwargs)
+        else:
+            result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
+            if result is None:
+                result = self._sequential(active, args, kwargs)
         if self._observer is not None:
             self._observer(self._step(), active, (args, kwargs), result)
         return result
+
+    def _sequential(self, active: list[int], args: tuple, kwargs: dict) -> Any:
+        """One call per active LoRA, their (weighted) mean."""
+        outputs = []
+        for k in active:
+            with self.engine.active([(k, 0, None)]):
+                outputs.append(self.inner(*args, **kwargs))
+        return outputs[0] if len(outputs) == 1 else composite_mean(outputs, self._weights_of(active))
 
     def _batched(self, active: list[int], args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The Composite mean from one call on the replicated batch, or None after falling back to sequential."""

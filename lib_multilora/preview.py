@@ -6,7 +6,7 @@ import re
 
 from .args import MultiLoraArgs
 from .plan import composite_weights
-from .schedule import describe_schedule
+from .schedule import describe_schedule, window_steps
 from .tags import TAG_NAME, apply_tags
 
 _LORA = re.compile(r"<lora:([^:>]+)[^>]*>")
@@ -32,6 +32,10 @@ def preview_text(prompt: str, steps: int, args: MultiLoraArgs) -> str:
         names = [n for n in names if n.lower() in wanted]
     if not names:
         return "No <lora> tags to compose in the prompt."
+    window = window_steps(args.start, args.end, steps) if args.window else range(steps)
+    if args.window and not window:
+        return f"Empty step window ({args.start:g}-{args.end:g} of {steps} steps): every step runs merged, as Merge."
+    only = f" Steps {window.start}-{window.stop - 1} only; merged outside." if args.window else ""
     if args.method == "Composite":
         weights, problem = composite_weights(args.weights, len(names))
         if weights is None:
@@ -39,5 +43,14 @@ def preview_text(prompt: str, steps: int, args: MultiLoraArgs) -> str:
         else:
             mixed = "weighted mean of " + " | ".join(f"{name} {w:.2f}" for name, w in zip(names, weights, strict=True))
         passes = len(names) if weights is None else sum(w > 0 for w in weights)
-        return f"Composite, every step: {mixed} ({passes} UNet passes per step)."
-    return f"Switch every {args.tau} of {steps} steps: {describe_schedule(steps, args.tau, names)}"
+        return f"Composite, every step: {mixed} ({passes} UNet passes per step).{only}"
+    schedule = describe_schedule(len(window), args.tau, names)
+    if args.window:  # the schedule starts at the window's first step
+        schedule = " | ".join(shift_run(run, window.start) for run in schedule.split(" | "))
+    return f"Switch every {args.tau} of {steps} steps: {schedule}{only}"
+
+
+def shift_run(run: str, offset: int) -> str:
+    """``"A: 0-4"`` -> ``"A: 3-7"`` for a schedule that starts at step ``offset``."""
+    name, steps = run.rsplit(": ", 1)
+    return f"{name}: " + "-".join(str(int(step) + offset) for step in steps.split("-"))

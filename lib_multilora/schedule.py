@@ -39,3 +39,14 @@ def describe_schedule(steps: int, tau: int, names: list[str]) -> str:
         else:
             runs.append((k, i, i))
     return " | ".join(f"{names[k]}: {a}" + (f"-{b}" if b > a else "") for k, a, b in runs)
+
+
+def window_step(value: float, steps: int) -> int:
+    """A window bound as prompt editing writes steps: up to 1 a fraction of ``steps`` (1 is the end), above 1 a step
+    number."""
+    return round(value * steps) if value <= 1 else int(value)
+
+
+def window_steps(start: float, end: float, steps: int) -> range:
+    """The steps (of ``steps``) a window runs the method in: ``start`` included, ``end`` not."""
+    return range(min(window_step(start, steps), steps), min(window_step(end, steps), steps))

@@ -8,6 +8,8 @@ Grammar (items are what the webui splits on ``:``; ``key=value`` items are named
     <multilora:off>               disable for this prompt
     <multilora:composite:loras=charA,styleC>   compose only these; other <lora> tags stay merged
     <multilora:composite:weights=2,1,1>        Composite with these mixing weights (composed order)
+    <multilora:composite:end=0.4>              only in the first 40% of the steps; merged after
+    <multilora:switch:3:start=0.2:end=0.8>     a step window: up to 1 a fraction of the steps, above 1 a step
 
 Tags win over the panel. A malformed tag is ignored with a warning; it never raises.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from .args import METHODS, ArgsError, MultiLoraArgs, canonical_method, to_int
+from .args import METHODS, ArgsError, MultiLoraArgs, canonical_method, to_float, to_int
 
 TAG_NAME = "multilora"
 
@@ -67,9 +69,10 @@ def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
     method = canonical_method(first)
     if method not in METHODS:
         raise ArgsError(f"unknown method {positional[0]!r}")
-    unknown = set(named) - {"tau", "loras", "weights"}
+    known = ("tau", "loras", "weights", "start", "end")
+    unknown = set(named) - set(known)
     if unknown:
-        raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: tau, loras, weights")
+        raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
     if "weights" in named and method != "Composite":
         raise ArgsError("weights only apply to composite")
     tau_text = named.get("tau", positional[1] if len(positional) > 1 else None)
@@ -79,4 +82,7 @@ def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
     if tau < 1:
         raise ArgsError(f"tau must be at least 1, got {tau}")
     loras, weights = named.get("loras", args.loras), named.get("weights", args.weights)
-    return replace(args, enabled=True, method=method, tau=tau, loras=loras, weights=weights)
+    start, end = (to_float(named[k], k) if k in named else getattr(args, k) for k in ("start", "end"))
+    if start < 0 or end < 0:
+        raise ArgsError(f"a step window bound must be >= 0, got start={start:g}, end={end:g}")
+    return replace(args, enabled=True, method=method, tau=tau, loras=loras, weights=weights, start=start, end=end)

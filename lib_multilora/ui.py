@@ -74,6 +74,13 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
                 visible=default("method") == "Composite",
             )
         with gr.Row():
+            start = gr.Number(
+                value=MultiLoraArgs.start, label="From step", step=0.05, minimum=0, elem_id=f"{tab}_multilora_start"
+            )
+            end = gr.Number(
+                value=MultiLoraArgs.end, label="Until step", step=0.05, minimum=0, elem_id=f"{tab}_multilora_end"
+            )
+        with gr.Row():
             text_encoder = gr.Radio(
                 list(TEXT_ENCODER_POLICIES),
                 value=MultiLoraArgs.text_encoder,
@@ -93,6 +100,8 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
         "text_encoder": text_encoder,
         "hires": hires,
         "weights": weights,
+        "start": start,
+        "end": end,
     }
     method.change(fn=method_controls, inputs=[method], outputs=[tau, execution, weights], show_progress=False)
     wire_preview(script, preview, enabled, components)

@@ -51,6 +51,8 @@ def add_axes() -> None:
             option(f"{PREFIX}Text encoder", str, field_axis("text_encoder"), choices=choices(TEXT_ENCODER_POLICIES)),
             option(f"{PREFIX}Hires pass", str, field_axis("hires"), choices=choices(HIRES_MODES)),
             option(f"{PREFIX}Composite weights", str, field_axis("weights")),
+            option(f"{PREFIX}Window start", float, field_axis("start")),
+            option(f"{PREFIX}Window end", float, field_axis("end")),
         ]
     )
 

@@ -83,3 +83,15 @@ def test_composite_weights_are_in_the_infotext_and_read_back() -> None:
     assert info["Multi-LoRA composite weights"] == "2,1"
     assert MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()}) == composite
     assert "Multi-LoRA composite weights" not in MultiLoraArgs(True, "Switch", weights="2,1").infotext(["A", "B"])
+
+
+def test_the_step_window_round_trips_and_is_checked() -> None:
+    windowed = MultiLoraArgs(True, "Composite", loras="A", start=0.2, end=0.8)
+    info = windowed.infotext(windowed.lora_names)
+    assert (info["Multi-LoRA start"], info["Multi-LoRA end"]) == (0.2, 0.8)
+    assert MultiLoraArgs.from_infotext({k: str(v) for k, v in info.items()}) == windowed
+    assert "Multi-LoRA start" not in MultiLoraArgs(True, "Composite").infotext([]), "the default is not written"
+    assert MultiLoraArgs.from_script_args(({"enabled": True, "end": "0.5"},)).window == (0.0, 0.5)
+    assert MultiLoraArgs(True, end=-1.0).problems() == ["step window end must be a number >= 0, got -1.0"]
+    with pytest.raises(ArgsError):
+        MultiLoraArgs.from_script_args(({"enabled": True, "start": "soon"},))

@@ -273,3 +273,31 @@ def test_weighted_composite_is_the_weighted_mean_and_skips_weight_zero(batched: 
     assert calls == [[0, 2]], "the weight-0 LoRA is not run"
     only_first = MethodInner(inner, eng, "Composite", 3, 5, step=lambda: 0, batched=batched, weights=[1.0, 0.0, 0.0])
     assert torch.equal(only_first(*args, **kwargs), singles[0]), "one LoRA of weight 1: exactly its output"
+
+
+@pytest.mark.parametrize("merged", [(), ((0, 0, None), (1, 0, None))])
+def test_outside_the_window_every_lora_acts_merged_and_switch_starts_at_the_window(merged: tuple) -> None:
+    inner, eng = cond_setup(2)
+    args, kwargs = cond_args("sd1")
+    step = [0]
+    calls: list[tuple[int, list[int]]] = []
+    wrapped = MethodInner(
+        inner,
+        eng,
+        "Switch",
+        2,
+        1,
+        step=lambda: step[0],
+        window=(0.2, 0.6),
+        steps=lambda: 10,
+        merged=merged,
+        observer=lambda s, active, call, out: calls.append((s, active)),
+    )
+    with eng.active(merged):
+        expected_merged = inner(*args, **kwargs)
+    for step[0] in range(10):
+        out = wrapped(*args, **kwargs)
+        if step[0] not in range(2, 6):
+            assert torch.equal(out, expected_merged)
+    assert calls == [(s, [(s - 2) % 2] if 2 <= s < 6 else []) for s in range(10)]
+    assert wrapped.unscheduled() == []

@@ -30,6 +30,16 @@ def test_composite_preview_shows_the_weights_and_the_passes_they_cost() -> None:
     assert "mean of charA | outfitB | styleC (composite weights '1,2': 2 weight(s) for 3" in bad
 
 
+def test_the_preview_shows_the_step_window() -> None:
+    composite = preview_text(PROMPT + " <multilora:composite:end=0.4>", 10, MultiLoraArgs())
+    assert composite.endswith("(3 UNet passes per step). Steps 0-3 only; merged outside.")
+    switch = preview_text(PROMPT, 12, MultiLoraArgs(True, "Switch", 2, start=0.25, end=0.75))
+    assert (
+        switch == "Switch every 2 of 12 steps: charA: 3-4 | outfitB: 5-6 | styleC: 7-8 Steps 3-8 only; merged outside."
+    )
+    assert "Empty step window" in preview_text(PROMPT, 12, MultiLoraArgs(True, "Composite", start=0.5, end=0.5))
+
+
 def test_tags_in_prompt_win_and_problems_show() -> None:
     assert preview_text(PROMPT + " <multilora:switch:6>", 12, MultiLoraArgs()).startswith("Switch every 6 of 12")
     assert preview_text(PROMPT, 12, MultiLoraArgs()).startswith("Off")

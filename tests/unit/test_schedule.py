@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_multilora.schedule import describe_schedule, sampling_step, switch_index, switch_schedule
+from lib_multilora.schedule import describe_schedule, sampling_step, switch_index, switch_schedule, window_steps
 
 
 def test_switch_cycles_every_tau_steps_in_prompt_order() -> None:
@@ -32,3 +32,12 @@ def test_describe_schedule() -> None:
     assert describe_schedule(12, 5, ["A", "B"]) == "A: 0-4 | B: 5-9 | A: 10-11"
     assert describe_schedule(3, 1, ["A", "B", "C"]) == "A: 0 | B: 1 | C: 2"
     assert describe_schedule(3, 0, ["A"]) == ""
+
+
+def test_window_bounds_read_like_prompt_editing_steps() -> None:
+    assert list(window_steps(0.0, 1.0, 10)) == list(range(10)), "the whole pass"
+    assert list(window_steps(0.2, 0.8, 10)) == [2, 3, 4, 5, 6, 7]
+    assert list(window_steps(0.0, 0.4, 10)) == [0, 1, 2, 3]
+    assert list(window_steps(3, 6, 10)) == [3, 4, 5], "above 1: step numbers"
+    assert list(window_steps(0.5, 0.5, 10)) == [], "an empty window"
+    assert list(window_steps(4, 50, 10)) == [4, 5, 6, 7, 8, 9], "clipped to the pass"

@@ -17,6 +17,8 @@ BASE = MultiLoraArgs()
         (["composite"], MultiLoraArgs(True, "Composite", 5)),
         (["composite", "loras=A,B"], MultiLoraArgs(True, "Composite", 5, "A,B")),
         (["composite", "weights=2,1,1"], MultiLoraArgs(True, "Composite", 5, weights="2,1,1")),
+        (["composite", "end=0.4"], MultiLoraArgs(True, "Composite", 5, end=0.4)),
+        (["switch", "3", "start=0.2", "end=0.8"], MultiLoraArgs(True, "Switch", 3, start=0.2, end=0.8)),
     ],
 )
 def test_valid_tags(items: list[str], expected: MultiLoraArgs) -> None:
@@ -44,6 +46,8 @@ def test_tags_win_over_panel_and_later_tags_win() -> None:
         ["off", "1"],
         ["switch", "1.5"],
         ["switch", "weights=1,2"],
+        ["composite", "end=soon"],
+        ["composite", "start=-1"],
     ],
 )
 def test_malformed_tags_warn_and_leave_args_unchanged(items: list[str]) -> None:
