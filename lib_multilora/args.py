@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-METHODS = ("Switch", "Composite")
+METHODS = ("Switch", "Composite", "Spatial")
+#: The methods that run every composed LoRA each step and mix their predictions (execution and weights apply).
+MIXING = ("Composite", "Spatial")
 TEXT_ENCODER_POLICIES = ("All", "First", "None")
 HIRES_MODES = ("Restart", "Continue", "Off")
 #: Composite: one UNet call per LoRA, one call on the batch replicated per LoRA, or batched on CUDA devices only.
@@ -48,6 +50,9 @@ class MultiLoraArgs:
     # 1 is its end), above 1 a step number. Outside it every LoRA acts merged, as in a plain generation.
     start: float = field(default=0.0, metadata=_label("Multi-LoRA start"))
     end: float = field(default=1.0, metadata=_label("Multi-LoRA end"))
+    # Spatial Composite: the latent patch size P and the softmin temperature T (spatial.py says why these defaults).
+    patch: int = field(default=8, metadata=_label("Multi-LoRA spatial patch"))
+    temperature: float = field(default=0.05, metadata=_label("Multi-LoRA spatial temperature"))
 
     @property
     def window(self) -> tuple[float, float] | None:
@@ -69,6 +74,12 @@ class MultiLoraArgs:
                 out.append(f"unknown {f.name.replace('_', ' ')} {value!r} (expected one of {', '.join(choices)})")
         if self.method == "Switch" and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             out.append(f"switch interval must be a positive whole number of steps, got {self.tau!r}")
+        if self.method == "Spatial" and (
+            isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 1
+        ):
+            out.append(f"spatial patch must be a positive whole number of latent pixels, got {self.patch!r}")
+        if self.method == "Spatial" and not (isinstance(self.temperature, float) and 0 < self.temperature < math.inf):
+            out.append(f"spatial temperature must be a number > 0, got {self.temperature!r}")
         for name in ("start", "end"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
@@ -81,10 +92,12 @@ class MultiLoraArgs:
         if self.method == "Switch":
             out[label_of("tau")] = self.tau
         out[label_of("loras")] = ", ".join(composed)
-        if self.method == "Composite" and self.execution != MultiLoraArgs.execution:
+        if self.method in MIXING and self.execution != MultiLoraArgs.execution:
             out[label_of("execution")] = self.execution
-        if self.method == "Composite" and self.weights.strip():
+        if self.method in MIXING and self.weights.strip():
             out[label_of("weights")] = self.weights.strip()
+        if self.method == "Spatial":
+            out[label_of("patch")], out[label_of("temperature")] = self.patch, self.temperature
         for name in ("text_encoder", "hires", "start", "end"):
             if getattr(self, name) != getattr(MultiLoraArgs, name):
                 out[label_of(name)] = getattr(self, name)
@@ -160,9 +173,9 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (bool, int)):
             raise ArgsError(f"enabled must be true or false, got {value!r}")
         return bool(value)
-    if name == "tau":
-        return to_int(value, "tau")
-    if name in ("start", "end"):
+    if name in ("tau", "patch"):
+        return to_int(value, name)
+    if name in ("start", "end", "temperature"):
         return to_float(value, name)
     if not isinstance(value, str):
         raise ArgsError(f"{name} must be a string, got {value!r}")

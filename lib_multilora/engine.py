@@ -168,17 +168,23 @@ def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRank
     return out
 
 
-def build_engine(deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged: bool, stack: bool) -> HookEngine:
+def build_engine(
+    deltas: dict[nn.Module, dict[int, Delta]], n: int, keep_merged: bool, stack: bool, base: bool = False
+) -> HookEngine:
     """The pass's hooks: with ``keep_merged`` (every delta plain low-rank) the composed LoRAs stay merged in the
     weights, as the webui keeps them between generations, and LoRA k's hook subtracts the others
     (:func:`complements`), so the pass touches no weight and costs the hooks only. Otherwise (LyCORIS types, DoRA:
     deltas computed from the weight, which need not add up) the composed LoRAs are taken out of the weights for the
     pass and LoRA k's hook adds its own delta. ``stack`` (batched Composite as batched matmuls) only pays on a GPU,
-    where it saves kernel launches; on a CPU the per-group loop is faster (bench/engine_micro.py: 1.2x)."""
+    where it saves kernel launches; on a CPU the per-group loop is faster (bench/engine_micro.py: 1.2x). ``base``
+    adds LoRA index ``n``, no composed LoRA at all (Spatial Composite's base): minus every composed LoRA where they
+    stay merged, nothing where they were taken out."""
     engine = HookEngine(stack=stack)
     for module, per_layer in deltas.items():
         for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
             engine.add(module, k, delta)
+        if base and keep_merged:
+            engine.add(module, n, LowRankDelta.concat([per_layer[k] for k in sorted(per_layer)], scale=-1.0))
     return engine
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from .args import MERGE, ArgsError, MultiLoraArgs, label_of
+from .args import MERGE, MIXING, ArgsError, MultiLoraArgs, label_of
 from .plan import composite_weights, select
 from .tags import apply_tags, strip_malformed
 
@@ -218,8 +218,9 @@ def network_names(net: Any) -> frozenset[str]:
 
 
 def pass_weights(p: Any, args: MultiLoraArgs, n: int) -> list[float] | None:
-    """Composite's mixing weights for this pass's ``n`` composed LoRAs (None: the plain mean); a bad value is said."""
-    if args.method != "Composite":
+    """Composite's (and Spatial's) mixing weights for this pass's ``n`` composed LoRAs (None: the plain mean); a bad
+    value is said."""
+    if args.method not in MIXING:
         return None
     weights, problem = composite_weights(args.weights, n)
     if problem:

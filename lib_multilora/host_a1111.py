@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from . import generation, webui
-from .args import MultiLoraArgs
+from .args import MIXING, MultiLoraArgs
 from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine
 from .generation import Resolved, report_unscheduled, unwrap_method, warn, wrap_method
 from .inner import MethodInner, runs_batched
 from .schedule import sampling_step
+from .spatial import Spatial, StackedCondRows
 
 SAMPLER_METHODS = ("sample", "sample_img2img")
 #: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
@@ -143,8 +144,38 @@ def start_pass(p: Any) -> None:
     keep_merged = not fp8_weights() and all(
         isinstance(d, LowRankDelta) for per_layer in deltas.values() for d in per_layer.values()
     )
-    engine = build_engine(deltas, len(resolved.composed), keep_merged, stack=webui_device().type == "cuda")
+    spatial = resolved.args.method == "Spatial"
+    engine = build_engine(deltas, len(resolved.composed), keep_merged, webui_device().type == "cuda", base=spatial)
     install(p, resolved, engine, keep_merged, offset)
+
+
+def spatial_settings(p: Any, args: MultiLoraArgs) -> Spatial | None:
+    """Spatial Composite for this pass: the denoiser's inner model returns denoised predictions of ``(x, sigma)`` with
+    k-diffusion samplers only, and an edit model's denoiser stacks three kinds of rows; otherwise it runs as
+    Composite, said."""
+    if args.method != "Spatial":
+        return None
+    from modules import sd_samplers_kdiffusion
+
+    if not isinstance(p.sampler, sd_samplers_kdiffusion.KDiffusionSampler):
+        warn(p, f"Spatial needs a k-diffusion sampler ({p.sampler_name} is not one); running Composite")
+        return None
+    if getattr(p.sd_model, "cond_stage_key", None) == "edit":
+        warn(p, "Spatial cannot tell an edit model's rows apart; running Composite")
+        return None
+    return Spatial(args.patch, args.temperature, StackedCondRows())
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    """Each denoiser call stacks its cond rows first: Spatial Composite's row tracker starts over (A1111's
+    ``on_cfg_denoiser``, before the inner model runs)."""
+    p = getattr(params.denoiser, "p", None)
+    state: Pass | None = vars(p).get("multilora_pass") if p is not None else None
+    spatial = state.wrapper.spatial if state is not None else None
+    if spatial is not None:
+        cond = params.text_cond
+        first = next(iter(cond.values())) if isinstance(cond, dict) else cond
+        spatial.cond_rows.start(first.shape[0])
 
 
 def current_model() -> Any:
@@ -171,7 +202,7 @@ def splits_batch(p: Any, args: MultiLoraArgs) -> bool:
     hypertile = getattr(opts, "hypertile_enable_unet", False) or (
         getattr(p, "is_hr_pass", False) and getattr(opts, "hypertile_enable_unet_secondpass", False)
     )
-    if hypertile and args.method == "Composite" and runs_batched(args.execution, webui_device()):
+    if hypertile and args.method in MIXING and runs_batched(args.execution, webui_device()):
         warn(p, "Hypertile U-Net splits the batch inside the UNet; running Composite sequentially")
     return bool(hypertile)
 
@@ -347,6 +378,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
         window=args.window,
         steps=lambda: step_offset + (denoiser.steps or 0),
         merged=generation.merged_groups(len(composed), keep_merged),
+        spatial=spatial_settings(p, args),
     )
     names = [n.name for n in composed]
     p.multilora_pass = Pass(

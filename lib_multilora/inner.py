@@ -16,6 +16,7 @@ from torch import nn
 
 from .engine import Group, HookEngine
 from .schedule import switch_index, window_steps
+from .spatial import Spatial, spatial_mix
 
 
 def composite_mean(outputs: list[Any], weights: list[float] | None = None) -> Any:
@@ -68,7 +69,9 @@ class MethodInner(nn.Module):
     (start, end) bounds the steps the method runs in (:func:`window_steps` of ``steps()``, the pass's step count,
     called on each call); outside it the call runs with ``merged`` active, the row groups under which every LoRA acts
     merged (none where the weights hold them all; all of them where the pass took them out), and a Switch schedule
-    starts at the window's first step.
+    starts at the window's first step. ``spatial`` (Spatial Composite) also runs the base, the engine's LoRA index
+    ``n_loras`` (no composed LoRA), and mixes per patch (:func:`spatial.spatial_mix`); the call's ``x`` and ``sigma``
+    are its first two args, and its output the denoised prediction.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class MethodInner(nn.Module):
         window: tuple[float, float] | None = None,
         steps: Callable[[], int] | None = None,
         merged: tuple[Group, ...] = (),
+        spatial: Spatial | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -95,6 +99,8 @@ class MethodInner(nn.Module):
         self.batched, self._warn = batched, warn
         self.weights = weights
         self._window, self._steps, self._merged = window, steps, merged
+        self.spatial = spatial
+        self.last_cond_rows: torch.Tensor | None = None  # Spatial: the cond rows of the last call (the probe reads it)
         self.used: set[int] = set()  # LoRAs that ran in at least one call
 
     def __getattr__(self, name: str) -> Any:
@@ -132,26 +138,48 @@ class MethodInner(nn.Module):
             with self.engine.active(self._merged):
                 result = self.inner(*args, **kwargs)
         else:
-            result = self._batched(active, args, kwargs) if self.batched and len(active) > 1 else None
-            if result is None:
-                result = self._sequential(active, args, kwargs)
+            cond_rows = self.spatial.cond_rows(args[0].shape[0]) if self.spatial is not None else None
+            self.last_cond_rows = cond_rows
+            if self.spatial is not None and cond_rows is None:
+                self._say("which rows are cond rows is not known for this call; running it as Composite")
+            ks = active if cond_rows is None else [*active, self._n]  # Spatial: the base last
+            outputs = self._outputs(ks, args, kwargs)
+            weights = self._weights_of(active)
+            if cond_rows is not None:
+                result = spatial_mix(
+                    outputs[:-1],
+                    outputs[-1],
+                    args[0],
+                    args[1],
+                    cond_rows,
+                    self.spatial.patch,
+                    self.spatial.temperature,
+                    weights,
+                )
+            else:
+                result = outputs[0] if len(outputs) == 1 else composite_mean(outputs, weights)
         if self._observer is not None:
             self._observer(self._step(), active, (args, kwargs), result)
         return result
 
-    def _sequential(self, active: list[int], args: tuple, kwargs: dict) -> Any:
-        """One call per active LoRA, their (weighted) mean."""
+    def _outputs(self, ks: list[int], args: tuple, kwargs: dict) -> list[Any]:
+        """The inner model's output with each of LoRAs ``ks`` alone: one call on the replicated batch (batched, which
+        falls back to one call each for the rest of the pass), or one call each."""
+        if self.batched and len(ks) > 1:
+            outputs = self._batched(ks, args, kwargs)
+            if outputs is not None:
+                return outputs
         outputs = []
-        for k in active:
+        for k in ks:
             with self.engine.active([(k, 0, None)]):
                 outputs.append(self.inner(*args, **kwargs))
-        return outputs[0] if len(outputs) == 1 else composite_mean(outputs, self._weights_of(active))
+        return outputs
 
-    def _batched(self, active: list[int], args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """The Composite mean from one call on the replicated batch, or None after falling back to sequential."""
-        rows, n = args[0].shape[0], len(active)
+    def _batched(self, ks: list[int], args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """Each LoRA's output from one call on the replicated batch, or None after falling back to sequential."""
+        rows, n = args[0].shape[0], len(ks)
         try:
-            out, misrouted = self._call_replicated(active, rows, args, kwargs)
+            out, misrouted = self._call_replicated(ks, rows, args, kwargs)
         except torch.cuda.OutOfMemoryError:
             out = misrouted = None  # leave the handler first: its traceback holds the batch's activations
         if out is None:
@@ -167,7 +195,7 @@ class MethodInner(nn.Module):
             return self._fall_back(f"the model returned a {type(out).__name__}, not one tensor")
         if out.shape[0] != n * rows:
             return self._fall_back(f"the model returned {out.shape[0]} rows for {n}x{rows} (another extension?)")
-        return composite_mean(list(out.split(rows)), self._weights_of(active))
+        return list(out.split(rows))
 
     def _call_replicated(self, active: list[int], rows: int, args: tuple, kwargs: dict) -> tuple[Any, bool]:
         """The inner model's output on the batch replicated per LoRA, and whether a hooked layer could not tell the
@@ -179,5 +207,8 @@ class MethodInner(nn.Module):
 
     def _fall_back(self, reason: str) -> None:
         self.batched = False
+        self._say(f"{reason}; running Composite sequentially")
+
+    def _say(self, message: str) -> None:
         if self._warn is not None:
-            self._warn(f"{reason}; running Composite sequentially")
+            self._warn(message)

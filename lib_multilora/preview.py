@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .args import MultiLoraArgs
+from .args import MIXING, MultiLoraArgs
 from .plan import composite_weights
 from .schedule import describe_schedule, window_steps
 from .tags import TAG_NAME, apply_tags
@@ -36,13 +36,18 @@ def preview_text(prompt: str, steps: int, args: MultiLoraArgs) -> str:
     if args.window and not window:
         return f"Empty step window ({args.start:g}-{args.end:g} of {steps} steps): every step runs merged, as Merge."
     only = f" Steps {window.start}-{window.stop - 1} only; merged outside." if args.window else ""
-    if args.method == "Composite":
+    if args.method in MIXING:
         weights, problem = composite_weights(args.weights, len(names))
         if weights is None:
             mixed = f"mean of {' | '.join(names)}" + (f" ({problem})" if problem else "")
         else:
             mixed = "weighted mean of " + " | ".join(f"{name} {w:.2f}" for name, w in zip(names, weights, strict=True))
         passes = len(names) if weights is None else sum(w > 0 for w in weights)
+        if args.method == "Spatial":
+            return (
+                f"Spatial Composite, every step: per {args.patch}x{args.patch} latent patch, the LoRAs that move the "
+                f"prediction most lead ({mixed} as the prior; {passes + 1} UNet passes per step with the base).{only}"
+            )
         return f"Composite, every step: {mixed} ({passes} UNet passes per step).{only}"
     schedule = describe_schedule(len(window), args.tau, names)
     if args.window:  # the schedule starts at the window's first step

@@ -10,6 +10,7 @@ Grammar (items are what the webui splits on ``:``; ``key=value`` items are named
     <multilora:composite:weights=2,1,1>        Composite with these mixing weights (composed order)
     <multilora:composite:end=0.4>              only in the first 40% of the steps; merged after
     <multilora:switch:3:start=0.2:end=0.8>     a step window: up to 1 a fraction of the steps, above 1 a step
+    <multilora:spatial:patch=8:temperature=0.05>   Spatial Composite: each LoRA leads in the patches it moves most
 
 Tags win over the panel. A malformed tag is ignored with a warning; it never raises.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from .args import METHODS, ArgsError, MultiLoraArgs, canonical_method, to_float, to_int
+from .args import METHODS, MIXING, ArgsError, MultiLoraArgs, canonical_method, to_float, to_int
 
 TAG_NAME = "multilora"
 
@@ -69,12 +70,14 @@ def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
     method = canonical_method(first)
     if method not in METHODS:
         raise ArgsError(f"unknown method {positional[0]!r}")
-    known = ("tau", "loras", "weights", "start", "end")
+    known = ("tau", "loras", "weights", "start", "end", "patch", "temperature")
     unknown = set(named) - set(known)
     if unknown:
         raise ArgsError(f"unknown named item(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
-    if "weights" in named and method != "Composite":
-        raise ArgsError("weights only apply to composite")
+    if "weights" in named and method not in MIXING:
+        raise ArgsError("weights only apply to composite and spatial")
+    if ("patch" in named or "temperature" in named) and method != "Spatial":
+        raise ArgsError("patch and temperature only apply to spatial")
     tau_text = named.get("tau", positional[1] if len(positional) > 1 else None)
     if tau_text is not None and method != "Switch":
         raise ArgsError("an interval only applies to switch")
@@ -85,4 +88,17 @@ def _apply_one(args: MultiLoraArgs, items: list[str]) -> MultiLoraArgs:
     start, end = (to_float(named[k], k) if k in named else getattr(args, k) for k in ("start", "end"))
     if start < 0 or end < 0:
         raise ArgsError(f"a step window bound must be >= 0, got start={start:g}, end={end:g}")
-    return replace(args, enabled=True, method=method, tau=tau, loras=loras, weights=weights, start=start, end=end)
+    patch = to_int(named["patch"], "patch") if "patch" in named else args.patch
+    temperature = to_float(named["temperature"], "temperature") if "temperature" in named else args.temperature
+    return replace(
+        args,
+        enabled=True,
+        method=method,
+        tau=tau,
+        loras=loras,
+        weights=weights,
+        start=start,
+        end=end,
+        patch=patch,
+        temperature=temperature,
+    )

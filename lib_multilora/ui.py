@@ -13,6 +13,7 @@ from .args import (
     EXECUTIONS,
     HIRES_MODES,
     METHODS,
+    MIXING,
     TAU_MAX,
     TAU_MIN,
     TEXT_ENCODER_POLICIES,
@@ -64,14 +65,30 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
                 value=default("execution"),
                 label="Composite execution",
                 elem_id=f"{tab}_multilora_execution",
-                visible=default("method") == "Composite",
+                visible=default("method") in MIXING,
             )
             weights = gr.Textbox(
                 value="",
                 label="Composite weights",
                 placeholder="empty = equal; e.g. 2,1,1 in composed order",
                 elem_id=f"{tab}_multilora_weights",
-                visible=default("method") == "Composite",
+                visible=default("method") in MIXING,
+            )
+        with gr.Row(visible=default("method") == "Spatial") as spatial_row:
+            patch = gr.Slider(
+                1,
+                32,
+                value=MultiLoraArgs.patch,
+                step=1,
+                label="Spatial patch (latent px)",
+                elem_id=f"{tab}_multilora_patch",
+            )
+            temperature = gr.Number(
+                value=MultiLoraArgs.temperature,
+                label="Spatial temperature",
+                step=0.01,
+                minimum=0.001,
+                elem_id=f"{tab}_multilora_temperature",
             )
         with gr.Row():
             start = gr.Number(
@@ -102,8 +119,12 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
         "weights": weights,
         "start": start,
         "end": end,
+        "patch": patch,
+        "temperature": temperature,
     }
-    method.change(fn=method_controls, inputs=[method], outputs=[tau, execution, weights], show_progress=False)
+    method.change(
+        fn=method_controls, inputs=[method], outputs=[tau, execution, weights, spatial_row], show_progress=False
+    )
     wire_preview(script, preview, enabled, components)
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
@@ -114,10 +135,11 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
 
 
 def method_controls(method: str) -> tuple[dict[str, Any], ...]:
-    """Show only the controls of the chosen method: τ for Switch, execution and weights for Composite (their values
-    are kept and still reach the args, so a paste-back or an API call sees the same fields)."""
-    composite = gr.update(visible=method == "Composite")
-    return gr.update(visible=method == "Switch"), composite, composite
+    """Show only the controls of the chosen method: τ for Switch, execution and weights for Composite and Spatial,
+    patch and temperature for Spatial (values are kept and still reach the args, so a paste-back or an API call sees
+    the same fields)."""
+    mixing = gr.update(visible=method in MIXING)
+    return gr.update(visible=method == "Switch"), mixing, mixing, gr.update(visible=method == "Spatial")
 
 
 def on_ui_settings() -> None:

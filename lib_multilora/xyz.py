@@ -53,6 +53,8 @@ def add_axes() -> None:
             option(f"{PREFIX}Composite weights", str, field_axis("weights")),
             option(f"{PREFIX}Window start", float, field_axis("start")),
             option(f"{PREFIX}Window end", float, field_axis("end")),
+            option(f"{PREFIX}Spatial patch", int, field_axis("patch")),
+            option(f"{PREFIX}Spatial temperature", float, field_axis("temperature")),
         ]
     )
 

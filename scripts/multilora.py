@@ -72,6 +72,8 @@ class MultiLoraScript(scripts.Script):
 
 
 script_callbacks.on_before_ui(webui.register_tag_network)
+if hasattr(HOST, "on_cfg_denoiser"):  # A1111: Spatial Composite learns each denoiser call's rows there
+    script_callbacks.on_cfg_denoiser(HOST.on_cfg_denoiser)
 xyz.add_axes()  # now, so the API's script-info lists our axes; again before the UI in case X/Y/Z loads later
 script_callbacks.on_before_ui(xyz.add_axes)
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib_multilora.engine import DenseDelta, HookEngine, LowRankDelta, complements
+from lib_multilora.engine import DenseDelta, HookEngine, LowRankDelta, build_engine, complements
 
 torch.manual_seed(0)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -449,3 +449,18 @@ def test_layers_that_are_linear_without_being_nn_linear(stack: bool) -> None:
     expected = torch.cat([merged(plain, lows[0])(x[:2]), merged(plain, lows[1])(x[2:])])
     torch.testing.assert_close(outputs[0], expected, **TOL)
     torch.testing.assert_close(outputs[1], expected, **TOL)
+
+
+def test_the_base_index_runs_no_composed_lora_on_merged_and_on_taken_out_weights() -> None:
+    lin = nn.Linear(6, 5)
+    lows = [lora_linear(6, 5) for _ in range(2)]
+    merged_lin = copy.deepcopy(lin)
+    with torch.no_grad():
+        merged_lin.weight += merged_weight(lin, lows[0]) + merged_weight(lin, lows[1])
+    x = torch.randn(3, 6)
+    for module, keep_merged in ((merged_lin, True), (lin, False)):
+        eng = build_engine({module: dict(enumerate(lows))}, 2, keep_merged, stack=False, base=True)
+        eng.install()
+        with eng.active([(2, 0, None)]):
+            torch.testing.assert_close(module(x), lin(x), **TOL)
+        eng.remove()
