@@ -233,7 +233,7 @@ def test_xyz_cells_carry_only_their_own_infotext(webui: WebuiClient) -> None:
 
 def test_a_warning_is_written_once(webui: WebuiClient) -> None:
     result = gen(webui, f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>", **ml(method="Blend"))
-    message = "unknown method 'Blend' (expected one of Switch, Composite); running without Multi-LoRA"
+    message = "unknown method 'Blend' (expected one of Switch, Composite, Spatial); running without Multi-LoRA"
     assert result.infotext.count(message) == 1, result.infotext
 
 
