@@ -136,7 +136,11 @@ def start_pass(p: Any) -> None:
         return
     deltas, misfits = planned
     for name, count in misfits.items():
-        warn(p, f"{name}: {count} UNet layer(s) do not fit this model (another base model?); left out, as Merge does")
+        warn(
+            p,
+            f"{name}: {count} UNet layer(s) do not fit this model (another base model, or a type the built-in cannot "
+            "compute); left out, as Merge does",
+        )
     untouched = [n.name for k, n in enumerate(resolved.composed) if not any(k in d for d in deltas.values())]
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
