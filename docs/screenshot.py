@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.webui.server import WebuiServer, webui_dir_from_env  # noqa: E402
+from tests.webui.server import WebuiServer, stop_process, webui_dir_from_env  # noqa: E402
 
 PROMPT = "a portrait <lora:mlA:0.8> <lora:mlB:0.8> <lora:mlC:0.8>"
 CHROMIUM_FLAGS = (
@@ -184,18 +184,6 @@ def start_chromium(binary: str, profile: Path, width: int, height: int) -> tuple
     return proc, page["webSocketDebuggerUrl"]
 
 
-def stop(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    """Terminate our own process by PID; kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=grace)
-
-
 def capture(cdp: Cdp, url: str, width: int, height: int) -> bytes:
     """Load the UI, set the panel up and return a PNG of the prompt row down to the panel."""
     cdp.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
@@ -283,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     finally:
         if browser is not None:
-            stop(browser)
+            stop_process(browser, 10.0)
         server.stop()
         if args.keep:
             print(f"kept {work}")

@@ -70,7 +70,7 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
             weights = gr.Textbox(
                 value="",
                 label="Composite weights",
-                placeholder="empty = equal; e.g. 2,1,1 in composed order",
+                placeholder="empty = equal; e.g. 2,1,1",
                 elem_id=f"{tab}_multilora_weights",
                 visible=default("method") in MIXING,
             )
@@ -91,11 +91,22 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
                 elem_id=f"{tab}_multilora_temperature",
             )
         with gr.Row():
+            window_info = "up to 1: a fraction of the steps; above 1: a step number"
             start = gr.Number(
-                value=MultiLoraArgs.start, label="From step", step=0.05, minimum=0, elem_id=f"{tab}_multilora_start"
+                value=MultiLoraArgs.start,
+                label="Runs from",
+                info=window_info,
+                step=0.05,
+                minimum=0,
+                elem_id=f"{tab}_multilora_start",
             )
             end = gr.Number(
-                value=MultiLoraArgs.end, label="Until step", step=0.05, minimum=0, elem_id=f"{tab}_multilora_end"
+                value=MultiLoraArgs.end,
+                label="until (merged outside)",
+                info=window_info,
+                step=0.05,
+                minimum=0,
+                elem_id=f"{tab}_multilora_end",
             )
         with gr.Row():
             text_encoder = gr.Radio(

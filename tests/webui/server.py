@@ -124,6 +124,18 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """Terminate a process we started, by its PID; kill it if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
 @dataclass
 class WebuiServer:
     """A webui process on 127.0.0.1 with its own data dir, checkpoint and LoRA dir; stopped by its own PID."""
@@ -217,14 +229,8 @@ class WebuiServer:
     def stop(self, grace: float = 20.0) -> None:
         """Terminate our process (SIGTERM shuts uvicorn down cleanly), kill it if it lingers."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace)
+        if proc is not None:
+            stop_process(proc, grace)
 
     def log_text(self, since: int = 0) -> str:
         """Server output from byte offset ``since`` (see :meth:`log_mark`)."""

@@ -217,7 +217,6 @@ def build_loras(
 
     Raises if any module name would not map onto a layer of the checkpoint under the webui's own name conversion.
     """
-    from safetensors.torch import save_file
 
     webui = resolve_webui_dir(webui_dir)
     convert = load_webui_name_converter(webui)
@@ -247,26 +246,8 @@ def build_loras(
                 raise RuntimeError(f"{spec.name}: {module} converts to {layer}, which is not a layer of {ckpt}")
             tensors.update(_module_weights(module, shapes[layer], spec.kind, rank, file_seed, spec.strength))
             (te_layers if module.startswith("lora_te_") else unet_layers).append(layer)
-        metadata = {
-            "ss_network_module": "lycoris.kohya" if spec.kind != "lora" else "networks.lora",
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(rank),
-            "ss_network_args": json.dumps({"algo": spec.kind}),
-            "ss_base_model_version": "sd_v1",
-            "ss_output_name": spec.name,
-        }
-        path = lora_dir / f"{spec.name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        infos[spec.name] = LoraInfo(
-            name=spec.name,
-            path=path,
-            kind=spec.kind,
-            rank=rank,
-            n_unet_modules=len(unet_layers),
-            n_te_modules=len(te_layers),
-            unet_layers=tuple(unet_layers),
-            te_layers=tuple(te_layers),
-        )
+        extra = {"ss_network_args": json.dumps({"algo": spec.kind})}
+        infos[spec.name] = save_lora(lora_dir, spec, rank, tensors, unet_layers, te_layers, "sd_v1", extra)
     return infos
 
 
@@ -357,7 +338,6 @@ def build_sdxl_loras(
 
     Raises if any module would not land on a layer of the checkpoint under the built-in Lora extension's SDXL lookup.
     """
-    from safetensors.torch import save_file
 
     webui = resolve_webui_dir(webui_dir)
     convert = load_webui_name_converter(webui)
@@ -378,23 +358,40 @@ def build_sdxl_loras(
             layer, shape = resolved
             tensors.update(_module_weights(module, shape, spec.kind, rank, file_seed, spec.strength))
             (unet_layers if layer.startswith("diffusion_model_") else te_layers).append(layer)
-        metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(rank),
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_output_name": spec.name,
-        }
-        path = lora_dir / f"{spec.name}.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        infos[spec.name] = LoraInfo(
-            name=spec.name,
-            path=path,
-            kind=spec.kind,
-            rank=rank,
-            n_unet_modules=len(unet_layers),
-            n_te_modules=len(te_layers),
-            unet_layers=tuple(unet_layers),
-            te_layers=tuple(te_layers),
-        )
+        infos[spec.name] = save_lora(lora_dir, spec, rank, tensors, unet_layers, te_layers, "sdxl_base_v1-0")
     return infos
+
+
+def save_lora(
+    lora_dir: Path,
+    spec: _Spec,
+    rank: int,
+    tensors: dict[str, torch.Tensor],
+    unet_layers: list[str],
+    te_layers: list[str],
+    base_model: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> LoraInfo:
+    """Write one file with kohya's metadata (the webui reads the output name as the alias) and describe it."""
+    from safetensors.torch import save_file
+
+    metadata = {
+        "ss_network_module": "lycoris.kohya" if spec.kind != "lora" else "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_base_model_version": base_model,
+        "ss_output_name": spec.name,
+        **(extra_metadata or {}),
+    }
+    path = lora_dir / f"{spec.name}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return LoraInfo(
+        name=spec.name,
+        path=path,
+        kind=spec.kind,
+        rank=rank,
+        n_unet_modules=len(unet_layers),
+        n_te_modules=len(te_layers),
+        unet_layers=tuple(unet_layers),
+        te_layers=tuple(te_layers),
+    )

@@ -79,11 +79,9 @@ def resolve_webui_dir(webui_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _ldm_on_path(webui_dir: Path) -> Iterator[None]:
-    """Make the webui's ldm importable; ldm prints chatter on import/instantiation, which is muted."""
-    repo = webui_dir / "repositories" / "stable-diffusion-stability-ai"
-    if not (repo / "ldm").is_dir():
-        raise RuntimeError(f"{repo} is missing: the webui's repositories/ must be populated")
+def _repository_on_path(repo: Path) -> Iterator[None]:
+    """Make one of the webui's ``repositories/`` importable for the block; its modules print chatter on import and
+    instantiation, which is muted."""
     added = str(repo) not in sys.path
     if added:
         sys.path.insert(0, str(repo))
@@ -93,6 +91,14 @@ def _ldm_on_path(webui_dir: Path) -> Iterator[None]:
     finally:
         if added:
             sys.path.remove(str(repo))
+
+
+def _ldm_on_path(webui_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The webui's ldm (stable-diffusion-stability-ai), importable for the block."""
+    repo = webui_dir / "repositories" / "stable-diffusion-stability-ai"
+    if not (repo / "ldm").is_dir():
+        raise RuntimeError(f"{repo} is missing: the webui's repositories/ must be populated")
+    return _repository_on_path(repo)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,19 +350,9 @@ def _sdxl_base_config_path(webui_dir: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _sgm_on_path(webui_dir: Path) -> Iterator[None]:
-    """Make the webui's sgm importable; sgm prints chatter on import/instantiation, which is muted."""
-    repo = _sdxl_base_config_path(webui_dir).parents[2]
-    added = str(repo) not in sys.path
-    if added:
-        sys.path.insert(0, str(repo))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        if added:
-            sys.path.remove(str(repo))
+def _sgm_on_path(webui_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The webui's sgm (generative-models), importable for the block."""
+    return _repository_on_path(_sdxl_base_config_path(webui_dir).parents[2])
 
 
 def _openclip_text_dims(arch: str) -> tuple[int, int]:
