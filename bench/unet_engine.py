@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib_multilora.engine import HookEngine, LowRankDelta, build_engine
 from lib_multilora.inner import MethodInner, composite_mean
+from lib_multilora.spatial import PATCH, TEMPERATURE, Spatial, spatial_mix
 
 SD15_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD15_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
@@ -154,14 +155,19 @@ LORA_SCALE = 0.8  # the paper's LoRA weight, alpha = rank
 UP_STD = 0.02  # each LoRA changes a layer's output by ~10% of its norm: weak, but far above the tolerances
 #: Per case: the engine whose hooks it runs under (None: Merge, no hooks) and the call.
 Cases = dict[str, tuple[HookEngine | None, Callable[[], torch.Tensor]]]
-CASES = ("merge", "switch", "composite_seq", "batched_stacked", "batched_unstacked")
+CASES = ("merge", "switch", "composite_seq", "batched_stacked", "batched_unstacked", "window", "spatial")
 RATIOS = (
     "switch_over_merge",
     "composite_seq_over_n_merge",
     "batched_over_seq",
     "batched_over_merge",
     "stacked_over_unstacked",
+    "window_over_merge",
+    "spatial_over_n1_merge",
 )
+#: The windowed case: a run of this many steps with Composite until WINDOW_END of them, merged after; its time is a
+#: whole run's, its ratio per step (expected about 1 + WINDOW_END * (N - 1) Merges).
+WINDOW_STEPS, WINDOW_END = 10, 0.4
 
 
 class Inner(nn.Module):
@@ -344,14 +350,45 @@ def make_cases(inner: Inner, inputs: tuple, loras: list[dict[nn.Module, Lora]], 
         wrapper = MethodInner(inner, engine, "Composite", n, 1, step=lambda: 0, batched=batched, warn=refuse_fallback)
         return lambda: wrapper(*inputs)
 
+    window_step = [0]
+    windowed = MethodInner(
+        inner,
+        host,
+        "Composite",
+        n,
+        1,
+        step=lambda: window_step[0],
+        window=(0.0, WINDOW_END),
+        steps=lambda: WINDOW_STEPS,
+    )
+
+    def window_run() -> list[torch.Tensor]:
+        outputs = []
+        for window_step[0] in range(WINDOW_STEPS):
+            outputs.append(windowed(*inputs))
+        return outputs
+
+    with_base = build_engine(deltas, n, keep_merged=True, stack=cuda, base=True)
+    spatial = MethodInner(inner, with_base, "Spatial", n, 1, step=lambda: 0, spatial=spatial_settings(inputs))
     cases: Cases = {
         "merge": (None, lambda: inner(*inputs)),
         "switch": (host, lambda: switch(*inputs)),
         "composite_seq": (host, composite(host, False)),
         "batched_stacked": (stacked, composite(stacked, True)),
         "batched_unstacked": (unstacked, composite(unstacked, True)),
+        "window": (host, window_run),
+        "spatial": (with_base, lambda: spatial(*inputs)),
     }
     return cases, step
+
+
+def spatial_settings(inputs: tuple) -> Spatial:
+    """Spatial Composite on the bench's call: its first half of rows cond, the rest uncond. (The diffusers UNet
+    returns noise predictions, not denoised ones, and ``t`` is a timestep, not sigma: the mix is computed on other
+    numbers than in a webui, at the same cost, and checked against the same formula on the references.)"""
+    rows = inputs[0].shape[0]
+    mask = torch.arange(rows) < (rows + 1) // 2
+    return Spatial(PATCH, TEMPERATURE, lambda n_rows: mask[:n_rows])
 
 
 def run_model(name: str, size: int, ns: list[int], args: argparse.Namespace, clock: Clock) -> Iterator[dict[str, Any]]:
@@ -367,9 +404,11 @@ def run_model(name: str, size: int, ns: list[int], args: argparse.Namespace, clo
             for k in range(n):
                 merge_into(backup, loras, [k])
                 refs.append(inner(*inputs))
+            merge_into(backup, loras, [])
+            base = inner(*inputs)  # no LoRA: Spatial Composite's base
         merge_into(backup, loras, list(range(n)))  # what the webui holds for a prompt with these N LoRAs
         cases, step = make_cases(inner, inputs, loras, cuda)
-        errors, separation = check(cases, refs, step)
+        errors, separation = check(cases, refs, base, inputs, step)
         ok = all(e <= tol for e in errors.values()) and separation > SEPARATION * tol
         result: dict[str, Any] = {
             "model": name,
@@ -387,12 +426,16 @@ def run_model(name: str, size: int, ns: list[int], args: argparse.Namespace, clo
 
 
 @torch.no_grad()
-def check(cases: Cases, refs: list[torch.Tensor], step: list[int]) -> tuple[dict[str, float], float]:
+def check(
+    cases: Cases, refs: list[torch.Tensor], base: torch.Tensor, inputs: tuple, step: list[int]
+) -> tuple[dict[str, float], float]:
     """Every case's largest error against its merged-weight reference, and how far apart the references (and Merge)
-    are: a check that a wrong path would also pass is no check. ``step`` drives Switch (tau = 1: step k runs LoRA k)."""
+    are: a check that a wrong path would also pass is no check. ``step`` drives Switch (tau = 1: step k runs LoRA k).
+    The windowed run is Composite's mean inside the window and Merge after it; Spatial is the formula on the
+    references (the single-LoRA ones and ``base``, no LoRA)."""
     n = len(refs)
     mean_ref = composite_mean(refs)
-    outs = {}
+    outs, window = {}, []
     for case, (engine, fn) in cases.items():
         with hooked(engine):
             if case == "switch":
@@ -401,11 +444,18 @@ def check(cases: Cases, refs: list[torch.Tensor], step: list[int]) -> tuple[dict
                     step[0] = k
                     switch_errs.append(rel_err(fn(), refs[k]))
                 step[0] = 0
+            elif case == "window":
+                window = fn()
             else:
                 outs[case] = fn()
-    merge = outs.pop("merge")
+    merge, spatial = outs.pop("merge"), outs.pop("spatial")
     errors = {"switch": max(switch_errs), **{case: rel_err(out, mean_ref) for case, out in outs.items()}}
     errors["batched_vs_seq"] = max(rel_err(outs[c], outs["composite_seq"]) for c in outs if c != "composite_seq")
+    inside = round(WINDOW_END * WINDOW_STEPS)
+    errors["window"] = max(rel_err(out, mean_ref if i < inside else merge) for i, out in enumerate(window))
+    settings = spatial_settings(inputs)
+    expected = spatial_mix(refs, base, inputs[0], inputs[1], settings.cond_rows(inputs[0].shape[0]), PATCH, TEMPERATURE)
+    errors["spatial"] = rel_err(spatial, expected)
     apart = [rel_err(merge, ref) for ref in [*refs, mean_ref]]
     apart += [rel_err(refs[j], refs[k]) for j in range(n) for k in range(j)]
     return errors, min(apart)
@@ -432,7 +482,8 @@ def timings(cases: Cases, n: int, repeats: int, clock: Clock, batched: str) -> d
     if ms:
         merge, seq, chosen = ms["merge"], ms["composite_seq"], ms[f"batched_{batched}"]
         values = (ms["switch"] / merge, seq / (n * merge), chosen / seq, chosen / merge)
-        out.update(zip(RATIOS, (*values, ms["batched_stacked"] / ms["batched_unstacked"]), strict=True))
+        values += (ms["batched_stacked"] / ms["batched_unstacked"], ms["window"] / (WINDOW_STEPS * merge))
+        out.update(zip(RATIOS, (*values, ms["spatial"] / ((n + 1) * merge)), strict=True))
     return out
 
 
@@ -448,6 +499,8 @@ def print_table(result: dict[str, Any], device: str, dtype: str, rank: int, rows
     print(f"  {'case':<20} {'ms':>10} {'x merge':>8} {'peak+ MiB':>10} {'rel err':>9}")
     for case in CASES:
         t = ms.get(case)
+        if t is not None and case == "window":
+            t /= WINDOW_STEPS  # per step of its run
         mem = peak.get(case)
         err = errors.get(case)
         mem_text = "-" if case not in peak else "n/a" if mem is None else f"{mem:.0f}"

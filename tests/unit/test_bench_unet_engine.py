@@ -21,14 +21,16 @@ from lib_multilora import engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "unet_engine.py"
-CHECKS = {"switch", "composite_seq", "batched_stacked", "batched_unstacked", "batched_vs_seq"}
-CASES = {"merge", "switch", "composite_seq", "batched_stacked", "batched_unstacked"}
+CHECKS = {"switch", "composite_seq", "batched_stacked", "batched_unstacked", "batched_vs_seq", "window", "spatial"}
+CASES = {"merge", "switch", "composite_seq", "batched_stacked", "batched_unstacked", "window", "spatial"}
 RATIOS = {
     "switch_over_merge",
     "composite_seq_over_n_merge",
     "batched_over_seq",
     "batched_over_merge",
     "stacked_over_unstacked",
+    "window_over_merge",
+    "spatial_over_n1_merge",
 }
 
 
@@ -65,8 +67,8 @@ def test_a_wrong_path_fails_the_run(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     """Hooks that add each LoRA on top of weights that already hold them all: fast, and wrong, so the run fails."""
     bench = load_bench(monkeypatch)
 
-    def wrong_engine(deltas: dict, n: int, keep_merged: bool, stack: bool) -> object:
-        return engine.build_engine(deltas, n, keep_merged=False, stack=stack)
+    def wrong_engine(deltas: dict, n: int, keep_merged: bool, stack: bool, base: bool = False) -> object:
+        return engine.build_engine(deltas, n, keep_merged=False, stack=stack, base=base)
 
     monkeypatch.setattr(bench, "build_engine", wrong_engine)
     threads = torch.get_num_threads()
