@@ -1,5 +1,5 @@
-"""End-to-end cost of Multi-LoRA in a real webui: Merge vs Switch vs Composite (sequential and batched), and the
-extension enabled with nothing to compose vs absent.
+"""End-to-end cost of Multi-LoRA in a real webui: Merge vs Switch vs Composite (sequential, batched, and with the
+step window ``end=0.4``) vs Spatial Composite, and the extension enabled with nothing to compose vs absent.
 
 Starts two API-only webui servers on the CPU (tests/webui/server.py): one with this extension, one without (the
 "absent" reference), on an SD1.5-size random model with rank-16 LoRAs (built once into the cache dir; ~2 GB). Cases
@@ -35,6 +35,7 @@ TITLE = "Multi-LoRA Composition"
 PROMPT = "a photo of a cat"
 LORAS = ("mlA", "mlB", "mlC")
 SEED = 1234
+WINDOW_END = 0.4  # the windowed Composite case: Composite for the first 40% of the steps, merged after
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_CACHE = Path.home() / ".cache" / "sd-webui-multilora" / "bench"
 
@@ -192,6 +193,22 @@ def blocks(n_values: list[int], tau: int) -> list[list[Case]]:
                     ("Multi-LoRA composite execution: Batched",),
                     ("Multi-LoRA warning",),
                 ),
+                Case(
+                    f"composite_end{WINDOW_END}_n{n}",
+                    "main",
+                    prompt,
+                    multilora(method="Composite", end=WINDOW_END),
+                    (f"Multi-LoRA end: {WINDOW_END}",),
+                    ("Multi-LoRA warning",),
+                ),
+                Case(
+                    f"spatial_n{n}",
+                    "main",
+                    prompt,
+                    multilora(method="Spatial"),
+                    ("Multi-LoRA method: Spatial",),
+                    ("Multi-LoRA warning",),
+                ),
             ]
         )
     out.append(
@@ -239,6 +256,9 @@ def ratios(by_name: dict[str, Case], n_values: list[int], attr: str) -> dict[str
             "switch_over_merge": switch.median(attr) / merge.median(attr),
             "composite_seq_over_n_merge": seq.median(attr) / (n * merge.median(attr)),
             "composite_batched_over_seq": batched.median(attr) / seq.median(attr),
+            # expected 1 + WINDOW_END * (N - 1) Merges, and N + 1 for Spatial
+            "composite_window_over_merge": by_name[f"composite_end{WINDOW_END}_n{n}"].median(attr) / merge.median(attr),
+            "spatial_over_n1_merge": by_name[f"spatial_n{n}"].median(attr) / ((n + 1) * merge.median(attr)),
             "composite_peak_mem_over_merge": seq.median("peak_mb") / merge.median("peak_mb"),
             "composite_batched_peak_mem_over_merge": batched.median("peak_mb") / merge.median("peak_mb"),
         }
