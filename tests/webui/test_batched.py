@@ -6,29 +6,25 @@ the same images as sequential Composite, and a pass hooks exactly the layers its
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON, WebuiClient, assert_noise_floor, trace
+from .helpers import PROMPT, STEPS, TITLE, require_tier
+from .server import WebuiClient, assert_noise_floor, trace
 
 if TYPE_CHECKING:
     from .server import Result
     from .tiny_lora import LoraInfo
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
-TITLE = "Multi-LoRA Composition"
-PROMPT = "a photo of a cat"
-STEPS = 8
 EXECUTION_LABEL = "Multi-LoRA composite execution"
 
 

@@ -3,23 +3,19 @@ composed order and normalised to sum 1, from the panel, the tag, the API, infote
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON
+from .helpers import PROMPT, STEPS, TITLE, gen, require_tier
+from .server import max_diff, mean_diff, trace
+from .test_integration import axis_index, xyz_args
 
 if TYPE_CHECKING:
     from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
-pytest.importorskip("numpy")
-
-from .test_integration import axis_index, xyz_args
-from .test_methods import PROMPT, STEPS, TITLE, gen, max_diff, mean_diff, trace
+require_tier()
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 

@@ -7,25 +7,22 @@ deterministic, and our script is registered for both tabs.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import pytest
 
-from .server import SKIP_REASON
+from .helpers import PROMPT, require_tier
 
 if TYPE_CHECKING:
     from .server import Result, WebuiClient
     from .tiny_lora import LoraInfo
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
-PROMPT = "a photo of a cat"
 LORA_NAMES = ("mlA", "mlB", "mlC", "mlLocon", "mlLoha")
 SCRIPT_TITLE = "Multi-LoRA Composition"
 #: Mean absolute per-channel difference (0..255) that counts as "a different image"; the test LoRAs give ~50.

@@ -8,33 +8,26 @@ difference between two exact ways to compute the reference, is at most 1/255; "t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SAME, SKIP_REASON, assert_noise_floor
+from .helpers import PROMPT, STEPS, gen, ml, require_tier
+from .server import SAME, assert_noise_floor, max_diff, mean_diff, trace
+from .test_integration import axis_index, xyz_args
+from .test_no_trace import HIRES, assert_no_trace, plain, snapshot
 
 if TYPE_CHECKING:
     from .conftest import WebuiAssets
     from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
-from .test_integration import axis_index, xyz_args  # noqa: E402
-from .test_methods import PROMPT, STEPS, TITLE, gen, max_diff, mean_diff, trace  # noqa: E402
-from .test_no_trace import HIRES, assert_no_trace, plain, snapshot  # noqa: E402
-
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
-
-
-def ml(**named: Any) -> dict[str, Any]:
-    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
 
 
 def switch_first(**named: Any) -> dict[str, Any]:

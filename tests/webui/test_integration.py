@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON, assert_noise_floor, max_diff, trace
+from .helpers import PROMPT, STEPS, TITLE, gen, ml, require_tier
+from .server import assert_noise_floor, max_diff, trace
 
 if TYPE_CHECKING:
     from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
-TITLE = "Multi-LoRA Composition"
-PROMPT = "a photo of a cat"
 AB = f"{PROMPT} <lora:mlA:1> <lora:mlB:1>"
 ABC = f"{AB} <lora:mlC:1>"
-STEPS = 8
-
-
-def ml(**named: Any) -> dict[str, Any]:
-    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
-
-
-def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Any:
-    return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
 
 
 def test_api_accepts_named_dict_and_positional_args_alike(webui: WebuiClient) -> None:

@@ -13,14 +13,15 @@ one mention or in two halves) stays within NOISE_FLOOR, measured in each test th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
 
-from .server import SAME, SKIP_REASON, assert_noise_floor, max_diff, mean_diff, trace
+from .helpers import PROMPT, STEPS, gen, ml, require_tier
+from .server import SAME, assert_noise_floor, max_diff, mean_diff, trace
+from .test_no_trace import assert_no_trace, plain, snapshot
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -29,17 +30,12 @@ if TYPE_CHECKING:
     from .server import WebuiClient
     from .tiny_lora import LoraInfo
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-
-pytest.importorskip("numpy")
 pytest.importorskip(
     "lycoris", reason="lycoris-lora is not installed (pip install lycoris-lora==4.1.3): LyCORIS file tests skipped"
 )
 
-from .test_host_features import ml
-from .test_methods import PROMPT, STEPS, gen
-from .test_no_trace import assert_no_trace, plain, snapshot
+
+require_tier()
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 

@@ -8,35 +8,23 @@ ways) at that LoRA strength and requires it <= 1/255 (server.assert_noise_floor)
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON, assert_noise_floor, max_diff, mean_diff, trace
+from .helpers import PROMPT, STEPS, TITLE, gen, multilora, require_tier
+from .server import assert_noise_floor, max_diff, mean_diff, trace
 
 if TYPE_CHECKING:
-    from .server import Result, WebuiClient
+    from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
-TITLE = "Multi-LoRA Composition"
-PROMPT = "a photo of a cat"
 AB = f"{PROMPT} <lora:mlA:1> <lora:mlB:1>"
-STEPS = 8
-
-
-def multilora(method: str, tau: int = 5, loras: str = "", enabled: bool = True) -> dict[str, Any]:
-    return {"alwayson_scripts": {TITLE: {"args": [enabled, method, tau, loras]}}}
-
-
-def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Result:
-    return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
 
 
 @pytest.mark.parametrize("lora", ["mlA", "mlLocon", "mlLoha"])

@@ -10,7 +10,6 @@ the fingerprint and a new plain generation against the snapshot. Also bad input 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import time
@@ -22,20 +21,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import DEFAULT_TXT2IMG, SKIP_REASON, WebuiClient, tracebacks
+from .helpers import PROMPT, STEPS, TITLE, gen, multilora, require_tier
+from .server import DEFAULT_TXT2IMG, WebuiClient, max_diff, mean_diff, trace, tracebacks
+from .test_methods import AB
 
 if TYPE_CHECKING:
     from .conftest import WebuiAssets
     from .server import Result
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-
-np = pytest.importorskip("numpy")
-
-from .test_methods import AB, PROMPT, STEPS, TITLE, gen, max_diff, mean_diff, multilora, trace  # noqa: E402
 
 clean = pytest.mark.usefixtures("no_tracebacks")
+
+require_tier()
+np = pytest.importorskip("numpy")
 
 METHODS = ("Switch", "Composite")
 ABC = f"{PROMPT} <lora:mlA:1> <lora:mlB:1> <lora:mlC:1>"

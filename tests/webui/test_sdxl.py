@@ -10,35 +10,31 @@ module and back to the SD1 one afterwards, so the other modules see the state th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .server import SKIP_REASON, assert_noise_floor, max_diff, mean_diff, trace
+from .helpers import PROMPT, STEPS, TITLE, gen, require_tier
+from .server import assert_noise_floor, max_diff, mean_diff, trace
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from .conftest import WebuiAssets
-    from .server import Result, WebuiClient
+    from .server import WebuiClient
     from .tiny_lora import LoraInfo
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+require_tier()
 np = pytest.importorskip("numpy")
 
 pytestmark = pytest.mark.usefixtures("sdxl", "no_tracebacks")
 
-TITLE = "Multi-LoRA Composition"
-PROMPT = "a photo of a cat"
 AB = f"{PROMPT} <lora:mlxA:1> <lora:mlxB:1>"
 #: Where the noise floor (the merge order swapped) stays within 1/255: for comparisons of two computation paths.
 AB_HALF, BA_HALF = f"{PROMPT} <lora:mlxA:0.5> <lora:mlxB:0.5>", f"{PROMPT} <lora:mlxB:0.5> <lora:mlxA:0.5>"
-STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -71,10 +67,6 @@ def sdxl(webui: WebuiClient, webui_assets: WebuiAssets, webui_dir: Path) -> Iter
 def multilora(method: str, **named: Any) -> dict[str, Any]:
     """Named API args (the dict form): execution and text_encoder without the positional order."""
     return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, "method": method, **named}]}}}
-
-
-def gen(webui: WebuiClient, prompt: str, **extra: Any) -> Result:
-    return webui.txt2img(prompt=prompt, steps=STEPS, **extra)
 
 
 def test_tiny_sdxl_is_loaded_as_sdxl_and_renders(webui: WebuiClient, sdxl: SdxlModel) -> None:

@@ -3,33 +3,25 @@ the noise prediction furthest from the base (no composed LoRA) leads; N+1 UNet p
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .server import SKIP_REASON, assert_noise_floor
+from .helpers import PROMPT, STEPS, gen, ml, require_tier
+from .server import assert_noise_floor, max_diff, trace
 
 if TYPE_CHECKING:
     from .conftest import WebuiAssets
     from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
-pytest.importorskip("numpy")
-
-from .test_methods import PROMPT, STEPS, TITLE, gen, max_diff, trace
+require_tier()
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
 AB = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>"
-
-
-def ml(**named: Any) -> dict[str, Any]:
-    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
 
 
 @pytest.fixture

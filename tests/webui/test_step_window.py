@@ -3,31 +3,23 @@ to 1 a fraction of the steps, above 1 a step number); outside it every LoRA acts
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .server import SKIP_REASON, assert_noise_floor
+from .helpers import PROMPT, STEPS, gen, ml, require_tier
+from .server import assert_noise_floor, max_diff, mean_diff, trace
+from .test_integration import axis_index, xyz_args
 
 if TYPE_CHECKING:
     from .server import WebuiClient
 
-if not os.environ.get("SD_WEBUI_DIR", "").strip():
-    pytest.skip(SKIP_REASON, allow_module_level=True)
 
-pytest.importorskip("numpy")
-
-from .test_integration import axis_index, xyz_args
-from .test_methods import PROMPT, STEPS, TITLE, gen, max_diff, mean_diff, trace
+require_tier()
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
 AB = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>"
-
-
-def ml(**named: Any) -> dict[str, Any]:
-    return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
 
 
 @pytest.mark.parametrize("method", ["Switch", "Composite"])
