@@ -1,0 +1,169 @@
+"""Test-only Forge extension: what the HTTP API cannot show of Forge's model state and of a Multi-LoRA pass.
+
+Linked into the Forge tier's data dir (never shipped). Endpoints:
+- ``GET /multilora-probe/status``: ``{model_loaded, checkpoint}`` (Forge loads the model on the first generation).
+- ``GET /multilora-probe/trace``: every Multi-LoRA inner-model call of the last generation: step, active LoRA
+  indices, the LoRA files whose patches the pass's UNet patcher holds during the call (the composed ones are taken
+  out of it when one of them is not a plain LoRA) and, for Composite, how far the output is from the (weighted)
+  mean of freshly recomputed single-LoRA outputs (``diff_vs_mean``) and how far apart the first and last of those
+  are (``spread``).
+- ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, the forward-hook count
+  on them, the LoRA patches (file, strengths, online mode, patched keys) of the current UNet and CLIP patchers and of
+  the ones the next generation starts from, which hash Forge's loaders have merged, whether a model function wrapper
+  is set or held by a loaded model, the loaded networks: equal before and after a generation means no trace.
+- ``POST /multilora-probe/model-flags {"is_sd1": bool, ...}``: set the loaded model's architecture flags, answer the
+  previous ones (to present a model type the extension does not cover, and put it back).
+- ``POST /multilora-probe/unet-storage {"option": "float8-e4m3fn (fp16 LoRA)"}``: Forge's "Diffusion in Low Bits"
+  setting, applied as its UI applies it (``refresh_model_loading_parameters``): the next generation reloads the model
+  with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Body
+from modules import script_callbacks, scripts, sd_models, shared
+
+LAST: dict[str, Any] = {"calls": []}
+MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl", "is_sd3")
+
+
+def patch_sets(patcher: Any) -> list[list[Any]]:
+    """A patcher's LoRA patch sets as ``[file stem, strength_patch, strength_model, online_mode, patched keys]``."""
+    return [
+        [Path(filename).stem, strength, strength_model, online, len(patches)]
+        for (filename, strength, strength_model, online), patches in patcher.lora_patches.items()
+    ]
+
+
+class MultiLoraTraceProbe(scripts.Script):
+    def title(self) -> str:
+        return "multilora forge trace probe"
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def process(self, p: Any, *args: Any) -> None:
+        calls: list[dict[str, Any]] = []
+        LAST["calls"] = calls
+
+        def observer(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
+            patched = [stem for stem, *_ in patch_sets(p.sd_model.forge_objects.unet)]
+            entry: dict[str, Any] = {"step": step, "active": list(active), "patched": patched}
+            if len(active) > 1:
+                wrapper = p.multilora_pass.wrapper
+                a, kw = call
+                singles = []
+                for k in active:
+                    with wrapper.engine.active([(k, 0, None)]):
+                        singles.append(wrapper.inner(*a, **kw).float())
+                weights = wrapper.weights
+                if weights is None:
+                    mean = torch.stack(singles).mean(0)
+                else:
+                    mean = sum(weights[k] * single for k, single in zip(active, singles, strict=True))
+                entry["diff_vs_mean"] = (mean - result.float()).abs().max().item()
+                entry["spread"] = (singles[0] - singles[-1]).abs().max().item()
+            calls.append(entry)
+
+        p.multilora_observer = observer
+
+
+def status() -> dict[str, Any]:
+    model = sd_models.model_data.get_sd_model()
+    loaded = getattr(model, "forge_objects", None) is not None
+    return {
+        "model_loaded": loaded,
+        "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None) if loaded else None,
+    }
+
+
+def checksum(roots: dict[str, torch.nn.Module]) -> str:
+    """sha256 over every parameter's name and bytes; the per-parameter digests are computed on two threads
+    (hashlib releases the GIL), as the text encoder alone is half a gigabyte."""
+    named = [(f"{label}.{name}", param) for label, root in roots.items() for name, param in root.named_parameters()]
+
+    def digest(item: tuple[str, torch.Tensor]) -> bytes:
+        name, param = item
+        data = param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data
+        return name.encode() + hashlib.sha256(data).digest()
+
+    with ThreadPoolExecutor(2) as pool:
+        return hashlib.sha256(b"".join(pool.map(digest, named))).hexdigest()
+
+
+def fingerprint() -> dict[str, Any]:
+    import networks
+    from backend import memory_management
+
+    model = shared.sd_model
+    now, nxt = model.forge_objects, model.forge_objects_after_applying_lora
+    roots = {"unet": now.unet.model, "clip": now.clip.cond_stage_model}
+    hooks = sum(
+        len(module._forward_hooks) + len(module._forward_pre_hooks)
+        for root in roots.values()
+        for module in root.modules()
+    )
+    return {
+        "weights": checksum(roots),
+        "hooks": hooks,
+        "unet_patches": patch_sets(now.unet),
+        "clip_patches": patch_sets(now.clip.patcher),
+        "next_unet_patches": patch_sets(nxt.unet),
+        "next_clip_patches": patch_sets(nxt.clip.patcher),
+        "unet_is_next": now.unet is nxt.unet,
+        "clip_is_next": now.clip is nxt.clip,
+        "merged": [root.lora_loader.loaded_hash for root in roots.values()],
+        "wrapper": ["model_function_wrapper" in patcher.model_options for patcher in (now.unet, nxt.unet)],
+        "loaded_wrappers": sum(
+            "model_function_wrapper" in getattr(loaded.model, "model_options", {})
+            for loaded in memory_management.current_loaded_models
+        ),
+        "networks": [n.name for n in networks.loaded_networks],
+        "lora_hash": model.current_lora_hash,
+    }
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    @app.get("/multilora-probe/status")
+    def get_status() -> dict[str, Any]:
+        return status()
+
+    @app.get("/multilora-probe/trace")
+    def trace() -> dict[str, Any]:
+        return LAST
+
+    @app.get("/multilora-probe/fingerprint")
+    def get_fingerprint() -> dict[str, Any]:
+        from modules.call_queue import queue_lock
+
+        with queue_lock:  # never hash weights a generation is merging
+            return fingerprint()
+
+    @app.post("/multilora-probe/model-flags")
+    def model_flags(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
+        model = shared.sd_model
+        previous = {flag: bool(getattr(model, flag, False)) for flag in MODEL_FLAGS}
+        for flag, value in body.items():
+            if flag in MODEL_FLAGS:
+                setattr(model, flag, bool(value))
+        return previous
+
+    @app.post("/multilora-probe/unet-storage")
+    def unet_storage(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008 - FastAPI's idiom
+        from modules.call_queue import queue_lock
+        from modules_forge import main_entry
+
+        with queue_lock:
+            previous = shared.opts.forge_unet_storage_dtype
+            shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
+            main_entry.refresh_model_loading_parameters()
+        return {"option": previous}
+
+
+script_callbacks.on_app_started(on_app_started)
