@@ -248,3 +248,38 @@ def merged_groups(n: int, keep_merged: bool) -> tuple[tuple[int, int, None], ...
     """The row groups under which every composed LoRA acts merged: none where the weights hold them all, each one
     over every row where the pass took them out of the weights."""
     return () if keep_merged else tuple((k, 0, None) for k in range(n))
+
+
+#: The sampler methods a pass runs inside (txt2img's, img2img's and the hires pass's).
+SAMPLER_METHODS = ("sample", "sample_img2img")
+
+
+def pass_offset(p: Any, resolved: Resolved) -> int | None:
+    """Where this pass's step count starts (a hires pass continuing the first pass's count starts at its steps), or
+    None when the pass runs merged: a hires pass with hires mode Off, or an empty step window (said)."""
+    offset = 0
+    if getattr(p, "is_hr_pass", False):
+        if resolved.args.hires == "Off":
+            return None
+        offset = p.steps if resolved.args.hires == "Continue" else 0
+    return None if empty_window(p, resolved.args) else offset
+
+
+def finish_with_sampler(p: Any, sampler: Any, finish: Callable[[Any], None]) -> None:
+    """Run ``finish(p)`` when the sampler returns or raises (per-instance wrappers of its sampling methods)."""
+    for name in SAMPLER_METHODS:
+        method = getattr(sampler, name)
+
+        def run_then_finish(*a: Any, _method: Any = method, **kw: Any) -> Any:
+            try:
+                return _method(*a, **kw)
+            finally:
+                finish(p)
+
+        setattr(sampler, name, run_then_finish)
+
+
+def unwrap_sampler(sampler: Any) -> None:
+    """Undo :func:`finish_with_sampler`."""
+    for name in SAMPLER_METHODS:
+        vars(sampler).pop(name, None)

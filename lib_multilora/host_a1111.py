@@ -27,7 +27,6 @@ from .inner import MethodInner, runs_batched
 from .schedule import sampling_step
 from .spatial import Spatial, StackedCondRows
 
-SAMPLER_METHODS = ("sample", "sample_img2img")
 #: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
 UNET_PREFIX = "diffusion_model"
 #: The webui's model-type flags (``sd_models.set_model_type``) of the architectures the engine covers.
@@ -123,12 +122,8 @@ def start_pass(p: Any) -> None:
     resolved = resolve(p)
     if resolved is None:
         return
-    offset = 0
-    if getattr(p, "is_hr_pass", False):
-        if resolved.args.hires == "Off":
-            return
-        offset = p.steps if resolved.args.hires == "Continue" else 0
-    if generation.empty_window(p, resolved.args):
+    offset = generation.pass_offset(p, resolved)
+    if offset is None:
         return
     planned = plan_pass(p, resolved)
     if isinstance(planned, str):
@@ -393,16 +388,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
         builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper
     engine.install()
-    for name in SAMPLER_METHODS:
-        original = getattr(p.sampler, name)
-
-        def run_then_finish(*a: Any, _original: Any = original, **kw: Any) -> Any:
-            try:
-                return _original(*a, **kw)
-            finally:
-                finish_pass(p)
-
-        setattr(p.sampler, name, run_then_finish)
+    generation.finish_with_sampler(p, p.sampler, finish_pass)
     # A refiner switch mid-sampling loads another model and computes its conds through p.setup_conds: the pass ends
     # there, and the refiner part runs as the webui runs it.
     wrap_method(p, "setup_conds", end_at_refiner)
@@ -422,8 +408,7 @@ def finish_pass(p: Any) -> None:
     if state is None:
         return
     state.engine.remove()
-    for name in SAMPLER_METHODS:
-        vars(state.sampler).pop(name, None)
+    generation.unwrap_sampler(state.sampler)
     if state.denoiser._modules.get("model_wrap") is state.wrapper:
         state.denoiser.model_wrap = state.original_inner
     report_unscheduled(p, state.wrapper, state.names)

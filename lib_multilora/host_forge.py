@@ -33,7 +33,6 @@ from .inner import MethodInner, runs_batched
 from .schedule import sampling_step
 from .spatial import Spatial, chunk_cond_rows
 
-SAMPLER_METHODS = ("sample", "sample_img2img")
 SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
 #: UNet storage dtypes that keep a merged plain LoRA exact enough for a hook to subtract it again. Forge merges into
 #: fp8 weights too (rounding every LoRA into them): there the composed LoRAs are taken out for the pass, as on A1111.
@@ -164,12 +163,8 @@ def start_pass(p: Any) -> None:
     resolved = resolve(p)
     if resolved is None:
         return
-    offset = 0
-    if getattr(p, "is_hr_pass", False):
-        if resolved.args.hires == "Off":
-            return
-        offset = p.steps if resolved.args.hires == "Continue" else 0
-    if generation.empty_window(p, resolved.args):
+    offset = generation.pass_offset(p, resolved)
+    if offset is None:
         return
     planned = plan_pass(p, resolved)
     if isinstance(planned, str):
@@ -311,16 +306,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, original: Any, keep_
     p.extra_generation_params.update(args.infotext(names))
     p.sd_model.forge_objects.unet = patcher
     engine.install()
-    for name in SAMPLER_METHODS:
-        method = getattr(p.sampler, name)
-
-        def run_then_finish(*a: Any, _method: Any = method, **kw: Any) -> Any:
-            try:
-                return _method(*a, **kw)
-            finally:
-                finish_pass(p)
-
-        setattr(p.sampler, name, run_then_finish)
+    generation.finish_with_sampler(p, p.sampler, finish_pass)
 
 
 def finish_pass(p: Any) -> None:
@@ -329,8 +315,7 @@ def finish_pass(p: Any) -> None:
     if state is None:
         return
     state.engine.remove()
-    for name in SAMPLER_METHODS:
-        vars(state.sampler).pop(name, None)
+    generation.unwrap_sampler(state.sampler)
     objects = state.model.forge_objects
     if objects.unet is state.patcher:
         objects.unet = state.original
