@@ -1,4 +1,5 @@
-"""Host glue for AUTOMATIC1111 webui 1.10.x: the only module that touches webui internals.
+"""Host glue for AUTOMATIC1111 webui 1.10.x (:class:`generation.Host`; Forge's is ``host_forge``): the only module
+that touches A1111's sampling and Lora internals.
 
 One sampling pass = ``start_pass`` (called from ``process_before_every_sampling``) ... ``finish_pass``. Start hooks
 the UNet layers the composed LoRAs touch and swaps the CFG denoiser's inner model for :class:`MethodInner`. Plain
