@@ -69,9 +69,28 @@ class MultiLoraTraceProbe(scripts.Script):
                     mean = sum(weights[k] * single for k, single in zip(active, singles, strict=True))
                 entry["diff_vs_mean"] = (mean - result.float()).abs().max().item()
                 entry["spread"] = (singles[0] - singles[-1]).abs().max().item()
+                rows = wrapper.last_cond_rows
+                if wrapper.spatial is not None and rows is not None:  # Spatial: the formula again, from e_0..e_N
+                    entry["cond_rows"] = rows.tolist()
+                    entry["diff_vs_spatial"] = spatial_diff(wrapper, active, a, kw, singles, result)
             calls.append(entry)
 
         p.multilora_observer = observer
+
+
+def spatial_diff(wrapper: Any, active: list[int], a: tuple, kw: dict, singles: list, result: torch.Tensor) -> float:
+    """How far a Spatial Composite output is from ``spatial_mix`` recomputed from fresh single-LoRA and base outputs
+    (the base is the engine's LoRA index n: no composed LoRA)."""
+    from lib_multilora.spatial import spatial_mix
+
+    with wrapper.engine.active([(wrapper._n, 0, None)]):
+        base = wrapper.inner(*a, **kw).float()
+    weights = None if wrapper.weights is None else [wrapper.weights[k] for k in active]
+    settings = wrapper.spatial
+    expected = spatial_mix(
+        singles, base, a[0], a[1], wrapper.last_cond_rows, settings.patch, settings.temperature, weights
+    )
+    return (expected - result.float()).abs().max().item()
 
 
 def status() -> dict[str, Any]:
