@@ -13,12 +13,27 @@ Loaded by the real-webui tier only (linked into the test data dir's extensions).
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from modules import script_callbacks, scripts, shared
 
 LAST: dict[str, Any] = {"calls": []}
+MIX_CHECKS = Path(__file__).resolve().parents[1] / "lib" / "mix_checks.py"
+
+
+def _mix_checks() -> Any:
+    """tests/webui/probe_extension/lib/mix_checks.py, loaded by its path (shared by both tiers' trace probes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multilora_mix_checks", MIX_CHECKS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.mix_checks
+
+
+mix_checks = _mix_checks()
 
 
 class MultiLoraTraceProbe(scripts.Script):
@@ -38,41 +53,10 @@ class MultiLoraTraceProbe(scripts.Script):
             loaded = [n.name for n in networks.loaded_networks]
             entry: dict[str, Any] = {"step": step, "active": list(active), "loaded": loaded}
             if len(active) > 1:
-                wrapper = p.multilora_pass.wrapper
-                a, kw = call
-                singles = []
-                for k in active:
-                    with wrapper.engine.active([(k, 0, None)]):
-                        singles.append(wrapper.inner(*a, **kw).float())
-                weights = wrapper.weights
-                if weights is None:
-                    mean = torch.stack(singles).mean(0)
-                else:
-                    mean = sum(weights[k] * single for k, single in zip(active, singles, strict=True))
-                entry["diff_vs_mean"] = (mean - result.float()).abs().max().item()
-                entry["spread"] = (singles[0] - singles[-1]).abs().max().item()
-                rows = wrapper.last_cond_rows
-                if wrapper.spatial is not None and rows is not None:  # Spatial: the formula again, from e_0..e_N
-                    entry["cond_rows"] = rows.tolist()
-                    entry["diff_vs_spatial"] = spatial_diff(wrapper, active, a, kw, singles, result)
+                entry.update(mix_checks(p.multilora_pass.wrapper, active, call, result))
             calls.append(entry)
 
         p.multilora_observer = observer
-
-
-def spatial_diff(wrapper: Any, active: list[int], a: tuple, kw: dict, singles: list, result: torch.Tensor) -> float:
-    """How far a Spatial Composite output is from :func:`spatial_mix` recomputed here from fresh single-LoRA and base
-    outputs (the base is the engine's LoRA index n: no composed LoRA)."""
-    from lib_multilora.spatial import spatial_mix
-
-    with wrapper.engine.active([(wrapper._n, 0, None)]):
-        base = wrapper.inner(*a, **kw).float()
-    weights = None if wrapper.weights is None else [wrapper.weights[k] for k in active]
-    spatial = wrapper.spatial
-    expected = spatial_mix(
-        singles, base, a[0], a[1], wrapper.last_cond_rows, spatial.patch, spatial.temperature, weights
-    )
-    return (expected - result.float()).abs().max().item()
 
 
 def fingerprint() -> dict[str, Any]:

@@ -1,0 +1,37 @@
+"""Test-only: what both tiers' trace probes check on a Composite or Spatial call, recomputed from fresh calls of the
+wrapper's inner model (not under scripts/, so no webui loads it as a script; the probes load it by its path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def mix_checks(wrapper: Any, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> dict[str, Any]:
+    """``diff_vs_mean``: the output against the (weighted) mean of fresh single-LoRA outputs; ``spread``: how far the
+    first and last of those are apart; for Spatial also ``cond_rows`` and ``diff_vs_spatial`` (the output against
+    ``spatial_mix`` recomputed from them and a fresh base output, the engine's LoRA index n: no composed LoRA)."""
+    from lib_multilora.spatial import spatial_mix
+
+    a, kw = call
+    singles = []
+    for k in active:
+        with wrapper.engine.active([(k, 0, None)]):
+            singles.append(wrapper.inner(*a, **kw).float())
+    weights = None if wrapper.weights is None else [wrapper.weights[k] for k in active]
+    mean = (
+        torch.stack(singles).mean(0) if weights is None else sum(w * s for w, s in zip(weights, singles, strict=True))
+    )
+    out: dict[str, Any] = {
+        "diff_vs_mean": (mean - result.float()).abs().max().item(),
+        "spread": (singles[0] - singles[-1]).abs().max().item(),
+    }
+    rows, spatial = wrapper.last_cond_rows, wrapper.spatial
+    if spatial is not None and rows is not None:
+        with wrapper.engine.active([(wrapper._n, 0, None)]):
+            base = wrapper.inner(*a, **kw).float()
+        expected = spatial_mix(singles, base, a[0], a[1], rows, spatial.patch, spatial.temperature, weights)
+        out["cond_rows"] = rows.tolist()
+        out["diff_vs_spatial"] = (expected - result.float()).abs().max().item()
+    return out
