@@ -1,0 +1,57 @@
+"""What it takes to run each host here (../shared/hosts/README.md): its tarball, the pins that replace or join its
+own ``requirements_versions.txt``, and the variables its test tier reads. Data only: ``setup.py`` applies it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One host: ``tarball`` is a glob in the hosts folder; ``replace`` maps a requirement's name (lower case) to
+    the line that stands in for it (an empty line drops it); ``extra`` are requirements added to the host's own;
+    ``tier`` are the test tier's own packages, installed with the host's versions as constraints; ``neighbours``
+    are globs of the extensions users run beside ours, unpacked for the tier's neighbour tests (the webui runs no
+    ``install.py`` under ``--skip-install``: their ``requirements.txt`` are installed, with ``neighbour_pins``)."""
+
+    name: str
+    tarball: str
+    dir_var: str
+    python_var: str
+    replace: tuple[tuple[str, str], ...] = ()
+    extra: tuple[str, ...] = ()
+    tier: tuple[str, ...] = ("pytest>=8", "requests", "playwright")  # playwright: the browser tier
+    neighbours: tuple[str, ...] = ()
+    neighbour_pins: tuple[str, ...] = ()
+
+
+#: Every recipe: CPU torch from this machine's wheel, setuptools new enough to build today's sdists but below 81
+#: (lightning_fabric still imports pkg_resources).
+COMMON_REPLACE = (("torch", ""), ("setuptools", "setuptools>=77.0.3,<81"))
+
+RECIPES: dict[str, Recipe] = {
+    "a1111": Recipe(
+        name="a1111",
+        tarball="a1111-*.tar.gz",
+        dir_var="SD_WEBUI_DIR",
+        python_var="SD_WEBUI_PYTHON",
+        replace=COMMON_REPLACE,
+        extra=("clip-anytorch",),  # k-diffusion imports clip
+        tier=("pytest>=8", "requests", "playwright", "lycoris-lora==4.1.3"),
+        neighbours=(
+            "sd-webui-controlnet-*.tar.gz",
+            "sd-webui-lora-block-weight-*.tar.gz",
+            "sd-webui-regional-prompter-*.tar.gz",
+        ),
+        neighbour_pins=("mediapipe<0.10.30",),  # newer ones lack mp.solutions, which controlnet_aux imports
+    ),
+    "forge": Recipe(
+        name="forge",
+        tarball="forge-*.tar.gz",
+        dir_var="SD_FORGE_DIR",
+        python_var="SD_FORGE_PYTHON",
+        replace=COMMON_REPLACE,
+        extra=("joblib",),  # else Forge turns its soft-inpainting script off
+        neighbours=("sd-webui-lora-block-weight-*.tar.gz",),  # its ControlNet is built in
+    ),
+}
