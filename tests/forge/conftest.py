@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import Tier
 
 from .server import SKIP_REASON, ForgeServer, build_assets, forge_dir_from_env, tracebacks
 
@@ -19,32 +20,17 @@ if TYPE_CHECKING:
     from webui.server import WebuiClient
 
 HERE = Path(__file__).resolve().parent
-_SERVER: pytest.StashKey[ForgeServer] = pytest.StashKey()
-
-
-def _in_tier(item: pytest.Item) -> bool:
-    return HERE in Path(str(item.path)).resolve().parents
+TIER = Tier(HERE, forge_dir_from_env, SKIP_REASON, "Forge", tracebacks)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without SD_FORGE_DIR, skip every test of this tier with one clear reason."""
-    if forge_dir_from_env() is not None:
-        return
-    skip = pytest.mark.skip(reason=SKIP_REASON)
-    for item in items:
-        if _in_tier(item):
-            item.add_marker(skip)
+    TIER.skip_unconfigured(items)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Attach the tail of Forge's log to failing tests of this tier: the cause is usually only in there."""
     outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.failed and _in_tier(item):
-        server = item.config.stash.get(_SERVER, None)
-        if server is not None:
-            report.sections.append(("Forge server log (tail)", server.log_tail()))
+    TIER.attach_log(item, outcome.get_result())  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -60,10 +46,7 @@ class ForgeAssets:
 @pytest.fixture(scope="session")
 def forge_dir() -> Path:
     """The Forge checkout under test (``$SD_FORGE_DIR``)."""
-    path = forge_dir_from_env()
-    if path is None:
-        pytest.skip(SKIP_REASON)
-    return path
+    return TIER.require()
 
 
 @pytest.fixture(scope="session")
@@ -73,17 +56,6 @@ def forge_assets(forge_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> F
     return ForgeAssets(Path(manifest["ckpt"]), Path(manifest["lora_dir"]), manifest["loras"])
 
 
-def _started(server: ForgeServer) -> ForgeServer:
-    """``server`` running and ready, or stopped again if it could not get there."""
-    server.start()
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 @pytest.fixture(scope="session")
 def forge_server(
     forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
@@ -91,12 +63,8 @@ def forge_server(
     """The running Forge with the extension and the probe (started once per session, stopped by its own PID)."""
     pytest.importorskip("requests")
     server = ForgeServer(forge_dir, tmp_path_factory.mktemp("forge-data"), forge_assets.ckpt, forge_assets.lora_dir)
-    pytestconfig.stash[_SERVER] = server
-    _started(server)
-    try:
+    with TIER.serving(server, pytestconfig):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -118,20 +86,15 @@ def forge_without_extension(
     from webui.server import WebuiClient
 
     data_dir = tmp_path_factory.mktemp("forge-data-plain")
-    server = _started(ForgeServer(forge_dir, data_dir, forge_assets.ckpt, forge_assets.lora_dir, with_extension=False))
-    try:
+    server = ForgeServer(forge_dir, data_dir, forge_assets.ckpt, forge_assets.lora_dir, with_extension=False)
+    with TIER.serving(server):
         client = WebuiClient(server)
         yield client
         client.close()
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def no_tracebacks(forge: WebuiClient) -> Iterator[None]:
     """Fail the test if Forge logged a Traceback while it ran (the API often hides errors in the log)."""
-    mark = forge.log_mark()
-    yield
-    found = tracebacks(forge.log_text(mark))
-    if found:
-        pytest.fail("Forge logged a Traceback during the test:\n" + "\n".join(found)[:6000])
+    with TIER.no_tracebacks(forge):
+        yield

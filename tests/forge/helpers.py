@@ -1,4 +1,5 @@
-"""What the Forge tier's tests share: prompts, the Multi-LoRA API args, the noise floor and the no-trace snapshot.
+"""What the Forge tier's tests share: prompts, the Multi-LoRA API args and the noise floor (the no-trace
+snapshot is every tier's: tests/hosts/tier.py).
 
 "The same image" is the A1111 tier's ``SAME`` (max pixel difference <= 2/255); a test that compares two different
 computation paths first measures the noise floor (:func:`reference_within_floor`: one reference computed two
@@ -8,11 +9,9 @@ LoRAs are used at weight 0.5, where that holds on the tiny random model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from webui.server import assert_noise_floor, max_diff
+from webui.server import assert_noise_floor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,35 +44,9 @@ def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:
     return forge.txt2img(prompt=prompt, **{"steps": STEPS, **extra})
 
 
-def fingerprint(forge: WebuiClient) -> dict[str, Any]:
-    return forge.get("/multilora-probe/fingerprint")
-
-
 def reference_within_floor(forge: WebuiClient, one: str, other: str, **extra: Any) -> np.ndarray:
     """Make the reference ``one`` and the equal ``other`` (e.g. its LoRAs in another order), require them within the
     noise floor of each other and return ``one``'s image."""
     reference = gen(forge, one, **extra).image
     assert_noise_floor(reference, gen(forge, other, **extra).image)
     return reference
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A plain generation's images and the model state it left behind."""
-
-    images: list[np.ndarray]
-    fingerprint: dict[str, Any]
-
-
-def snapshot(forge: WebuiClient, run: Callable[[], Result]) -> Snapshot:
-    return Snapshot(run().images, fingerprint(forge))
-
-
-def assert_no_trace(forge: WebuiClient, run: Callable[[], Result], before: Snapshot) -> None:
-    """The state equals the plain generation's, and the next plain generation is bit-identical to it."""
-    after = fingerprint(forge)
-    assert after == before.fingerprint, {k: (v, after[k]) for k, v in before.fingerprint.items() if after[k] != v}
-    again = run()
-    assert len(again.images) == len(before.images)
-    for new, old in zip(again.images, before.images, strict=True):
-        assert max_diff(new, old) == 0, "the next plain generation differs"

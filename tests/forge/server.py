@@ -16,14 +16,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from webui.server import (
-    BASE_SETTINGS,
     DEFAULT_TXT2IMG,
-    EXTENSION_LINK_NAME,
-    PROBE_LINK_NAME,
-    REPO_ROOT,
     WebuiServer,
     server_env,
 )
@@ -72,13 +68,13 @@ def forge_python() -> str:
     return os.environ.get("SD_FORGE_PYTHON", "").strip() or sys.executable
 
 
-def build_assets(forge_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Run ``tiny_model.py`` with Forge's python (it imports Forge's backend, which the test process must not);
-    return its manifest."""
+def build_assets(forge_dir: Path, out_dir: Path, seed: int = 0, python: str | None = None) -> dict[str, Any]:
+    """Run ``tiny_model.py`` with Forge's python (``python``, default :func:`forge_python`: it imports Forge's
+    backend, which the test process must not); return its manifest."""
     log = out_dir / "build.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        forge_python(),
+        python or forge_python(),
         str(HERE / "tiny_model.py"),
         str(out_dir),
         "--forge",
@@ -97,13 +93,14 @@ def build_assets(forge_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, Any
 class ForgeServer(WebuiServer):
     """A Forge process on 127.0.0.1 with its own data dir, checkpoint and LoRA dir; stopped by its own PID."""
 
+    probe_extension: ClassVar[Path] = PROBE_EXTENSION
     python: str = field(default_factory=forge_python)
 
     def command(self) -> list[str]:
         return [
             self.python,
             "launch.py",
-            *FORGE_FLAGS,
+            *self.flags(FORGE_FLAGS),
             "--server-name",
             "127.0.0.1",
             "--port",
@@ -118,21 +115,6 @@ class ForgeServer(WebuiServer):
             str(self.lora_dir),
             *self.extra_flags,
         ]
-
-    def prepare_data_dir(self) -> None:
-        """Fresh data dir: our extension and the Forge probe linked into extensions/, settings pre-seeded."""
-        extensions = self.data_dir / "extensions"
-        extensions.mkdir(parents=True, exist_ok=True)
-        links = [(PROBE_LINK_NAME, PROBE_EXTENSION)]
-        if self.with_extension:
-            links.append((EXTENSION_LINK_NAME, REPO_ROOT))
-        for name, target in links:
-            link = extensions / name
-            if not link.exists():
-                link.symlink_to(target, target_is_directory=True)
-        config = self.data_dir / "config.json"
-        if not config.exists():
-            config.write_text(json.dumps(BASE_SETTINGS, indent=2), encoding="utf-8")
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until the API answers, then make one 1-step image: Forge loads the checkpoint on the first

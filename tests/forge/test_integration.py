@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import assert_no_trace, snapshot
 from webui.server import SAME, max_diff, mean_diff, trace
 
 from .helpers import (
@@ -17,12 +18,10 @@ from .helpers import (
     PROMPT,
     STEPS,
     TITLE,
-    assert_no_trace,
     gen,
     ml,
     multilora,
     reference_within_floor,
-    snapshot,
 )
 from .server import SKIP_REASON
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import assert_no_trace, snapshot
 from webui.server import DEFAULT_TXT2IMG, SAME, WebuiClient, max_diff, mean_diff, trace
 
 from .helpers import (
@@ -21,11 +22,9 @@ from .helpers import (
     DIFFERENT,
     PROMPT,
     STEPS,
-    assert_no_trace,
     gen,
     multilora,
     reference_within_floor,
-    snapshot,
 )
 from .server import SKIP_REASON
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hosts.tier import Tier
 
 from .server import SKIP_REASON, WebuiClient, WebuiServer, tracebacks, webui_dir_from_env
 
@@ -19,32 +20,17 @@ if TYPE_CHECKING:
     from .tiny_lora import LoraInfo
 
 HERE = Path(__file__).resolve().parent
-_SERVER: pytest.StashKey[WebuiServer] = pytest.StashKey()
-
-
-def _in_tier(item: pytest.Item) -> bool:
-    return HERE in Path(str(item.path)).resolve().parents
+TIER = Tier(HERE, webui_dir_from_env, SKIP_REASON, "webui", tracebacks)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without SD_WEBUI_DIR, skip every test of this tier with one clear reason."""
-    if webui_dir_from_env() is not None:
-        return
-    skip = pytest.mark.skip(reason=SKIP_REASON)
-    for item in items:
-        if _in_tier(item):
-            item.add_marker(skip)
+    TIER.skip_unconfigured(items)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Attach the tail of the webui's log to failing tests of this tier: the cause is usually only in there."""
     outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.failed and _in_tier(item):
-        server = item.config.stash.get(_SERVER, None)
-        if server is not None:
-            report.sections.append(("webui server log (tail)", server.log_tail()))
+    TIER.attach_log(item, outcome.get_result())  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -60,10 +46,7 @@ class WebuiAssets:
 @pytest.fixture(scope="session")
 def webui_dir() -> Path:
     """The webui checkout under test (``$SD_WEBUI_DIR``)."""
-    path = webui_dir_from_env()
-    if path is None:
-        pytest.skip(SKIP_REASON)
-    return path
+    return TIER.require()
 
 
 @pytest.fixture(scope="session")
@@ -92,13 +75,8 @@ def webui_server(webui_dir: Path, webui_assets: WebuiAssets, pytestconfig: pytes
     server = WebuiServer(
         webui_dir=webui_dir, data_dir=webui_assets.data_dir, ckpt=webui_assets.ckpt, lora_dir=webui_assets.lora_dir
     )
-    pytestconfig.stash[_SERVER] = server
-    server.start()
-    try:
-        server.wait_ready()
+    with TIER.serving(server, pytestconfig):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -114,14 +92,10 @@ def webui_without_extension(
         lora_dir=webui_assets.lora_dir,
         with_extension=False,
     )
-    server.start()
-    try:
-        server.wait_ready()
+    with TIER.serving(server):
         client = WebuiClient(server)
         yield client
         client.close()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -154,8 +128,5 @@ def alt_checkpoint(webui: WebuiClient, webui_assets: WebuiAssets, webui_dir: Pat
 @pytest.fixture
 def no_tracebacks(webui: WebuiClient) -> Iterator[None]:
     """Fail the test if the webui logged a Traceback while it ran (the API often hides errors in the log)."""
-    mark = webui.log_mark()
-    yield
-    found = tracebacks(webui.log_text(mark))
-    if found:
-        pytest.fail("webui logged a Traceback during the test:\n" + "\n".join(found)[:6000])
+    with TIER.no_tracebacks(webui):
+        yield

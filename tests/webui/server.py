@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,6 +140,8 @@ def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
 class WebuiServer:
     """A webui process on 127.0.0.1 with its own data dir, checkpoint and LoRA dir; stopped by its own PID."""
 
+    #: the host's test probe, linked into extensions/ beside ours
+    probe_extension: ClassVar[Path] = PROBE_EXTENSION
     webui_dir: Path
     data_dir: Path
     ckpt: Path
@@ -148,6 +150,8 @@ class WebuiServer:
     port: int = field(default_factory=free_port)
     extra_flags: tuple[str, ...] = ()
     with_extension: bool = True
+    #: the gradio UI too (``--nowebui`` left out; the API stays on), for the browser tier and ``tests.hosts run``
+    ui: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -158,11 +162,15 @@ class WebuiServer:
     def log_path(self) -> Path:
         return self.data_dir / "webui-server.log"
 
+    def flags(self, flags: tuple[str, ...]) -> list[str]:
+        """The host's base flags, less ``--nowebui`` when the UI is wanted."""
+        return [flag for flag in flags if not (self.ui and flag == "--nowebui")]
+
     def command(self) -> list[str]:
         return [
             self.python,
             "launch.py",
-            *BASE_FLAGS,
+            *self.flags(BASE_FLAGS),
             "--server-name",
             "127.0.0.1",
             "--port",
@@ -180,7 +188,7 @@ class WebuiServer:
         """Fresh data dir: our extension and the probe linked into extensions/, settings pre-seeded."""
         extensions = self.data_dir / "extensions"
         extensions.mkdir(parents=True, exist_ok=True)
-        links = [(PROBE_LINK_NAME, PROBE_EXTENSION)]
+        links = [(PROBE_LINK_NAME, self.probe_extension)]
         if self.with_extension:
             links.append((EXTENSION_LINK_NAME, REPO_ROOT))
         for name, target in links:

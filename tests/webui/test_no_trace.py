@@ -15,11 +15,11 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import assert_no_trace, snapshot
 
 from .helpers import PROMPT, STEPS, TITLE, gen, multilora, require_tier
 from .server import DEFAULT_TXT2IMG, WebuiClient, max_diff, mean_diff, trace, tracebacks
@@ -49,32 +49,6 @@ BATCH: dict[str, Any] = {"batch_size": 2, "n_iter": 2}
 BATCH_STEPS = 4  # four images per generation: fewer steps keep the test short
 #: Printed by probe_extension/scripts/multilora_faults.py when it raises inside the pass.
 FAULT_MESSAGE = "multilora probe: injected failure"
-
-
-def fingerprint(webui: WebuiClient) -> dict[str, Any]:
-    return webui.get("/multilora-probe/fingerprint")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A plain generation's images and the model state it left behind."""
-
-    images: list[np.ndarray]
-    fingerprint: dict[str, Any]
-
-
-def snapshot(webui: WebuiClient, run: Callable[[], Result]) -> Snapshot:
-    return Snapshot(run().images, fingerprint(webui))
-
-
-def assert_no_trace(webui: WebuiClient, run: Callable[[], Result], before: Snapshot) -> None:
-    """State equals the plain generation's, and the next plain generation is bit-identical to it."""
-    assert fingerprint(webui) == before.fingerprint, "the generation left a trace in the model"
-    again = run()
-    assert len(again.images) == len(before.images)
-    for new, old in zip(again.images, before.images, strict=True):
-        assert max_diff(new, old) == 0, "the next plain generation differs"
-    assert fingerprint(webui) == before.fingerprint
 
 
 def plain(webui: WebuiClient, prompt: str = AB, **extra: Any) -> Callable[[], Result]:

@@ -1,0 +1,131 @@
+"""What every real-host tier's conftest does the same way: skip the tier without its variable, attach the server's
+log to failing tests, start one server per session, fail a test whose server logged a traceback, and the no-trace
+snapshot. Each tier's conftest keeps only what differs (its server class, model builder and fixtures' names).
+
+Only the standard library and pytest at module level, so collecting a tier never needs the host's packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Server(Protocol):
+    """What a tier's server class offers (tests/webui/server.py's ``WebuiServer`` and its subclasses)."""
+
+    def start(self) -> None: ...
+    def wait_ready(self) -> None: ...
+    def stop(self) -> None: ...
+    def log_tail(self) -> str: ...
+
+
+class Client(Protocol):
+    def get(self, path: str) -> Any: ...
+    def log_mark(self) -> int: ...
+    def log_text(self, since: int = 0) -> str: ...
+
+
+@dataclass
+class Tier:
+    """One host tier: its folder, the variable that configures it (``configured()`` gives None without it), the
+    one-line skip reason and the host's name for messages."""
+
+    folder: Path
+    configured: Callable[[], Path | None]
+    skip_reason: str
+    host: str
+    tracebacks: Callable[[str], list[str]]
+    _server: pytest.StashKey[Server] = field(default_factory=pytest.StashKey)
+
+    def contains(self, item: pytest.Item) -> bool:
+        return self.folder in Path(str(item.path)).resolve().parents
+
+    def skip_unconfigured(self, items: list[pytest.Item]) -> None:
+        """For ``pytest_collection_modifyitems``: without the variable, skip every test of the tier, one reason."""
+        if self.configured() is not None:
+            return
+        skip = pytest.mark.skip(reason=self.skip_reason)
+        for item in items:
+            if self.contains(item):
+                item.add_marker(skip)
+
+    def attach_log(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        """For ``pytest_runtest_makereport``: a failing test of the tier gets the tail of its server's log (the
+        cause is usually only in there)."""
+        if report.failed and self.contains(item):
+            server = item.config.stash.get(self._server, None)
+            if server is not None:
+                report.sections.append((f"{self.host} server log (tail)", server.log_tail()))
+
+    def require(self) -> Path:
+        """The configured checkout, or skip (for the tier's first session fixture)."""
+        path = self.configured()
+        if path is None:
+            pytest.skip(self.skip_reason)
+        return path
+
+    @contextmanager
+    def serving(self, server: Server, config: pytest.Config | None = None) -> Iterator[Server]:
+        """``server`` started and ready for the block, stopped (by its own PID) after it, whatever happens. With
+        ``config``, it is the server whose log failing tests get."""
+        if config is not None:
+            config.stash[self._server] = server
+        server.start()
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            server.stop()
+
+    @contextmanager
+    def no_tracebacks(self, client: Client) -> Iterator[None]:
+        """Fail the test if the server logged a Traceback while it ran (the API often hides errors in the log)."""
+        mark = client.log_mark()
+        yield
+        found = self.tracebacks(client.log_text(mark))
+        if found:
+            pytest.fail(f"{self.host} logged a Traceback during the test:\n" + "\n".join(found)[:6000])
+
+
+# --- leaving no trace: the same check on every host (the probes' fingerprints differ in content, not in use) ---
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A plain generation's images and the model state it left behind."""
+
+    images: list[np.ndarray]
+    fingerprint: dict[str, Any]
+
+
+def fingerprint(client: Client) -> dict[str, Any]:
+    """The probe's checksum of the model and of the host's LoRA/hook state."""
+    return client.get("/multilora-probe/fingerprint")
+
+
+def snapshot(client: Client, run: Callable[[], Any]) -> Snapshot:
+    """Run the plain generation ``run`` and take the state it leaves."""
+    return Snapshot(run().images, fingerprint(client))
+
+
+def assert_no_trace(client: Client, run: Callable[[], Any], before: Snapshot) -> None:
+    """The state equals the plain generation's, and the next plain generation is bit-identical to it."""
+    from webui.server import max_diff
+
+    after = fingerprint(client)
+    changed = {key: (value, after.get(key)) for key, value in before.fingerprint.items() if after.get(key) != value}
+    assert after == before.fingerprint, f"the generation left a trace: {changed}"
+    again = run()
+    assert len(again.images) == len(before.images)
+    for new, old in zip(again.images, before.images, strict=True):
+        assert max_diff(new, old) == 0, "the next plain generation differs"
+    assert fingerprint(client) == before.fingerprint, "the next plain generation changed the state"
