@@ -157,41 +157,33 @@ def build(recipe: Recipe, folder: Path, source: Path, log: Path) -> Host:
     """Unpack (or link) the host into ``folder`` and build its venv there, with its tier's packages and the
     neighbour extensions."""
     webui_dir = source.resolve() if source.is_dir() else unpack(recipe, source, folder)
+    neighbours_dir = folder / "neighbours"
+    neighbours_dir.mkdir()
+    needs = []  # resolved with the host's own, as their install.py would add them to its venv
+    for pattern in recipe.neighbours:
+        extension = unpack(recipe, tarball(pattern), neighbours_dir)
+        if (extension / "requirements.txt").is_file():
+            needs += ["-r", str(extension / "requirements.txt")]
     venv = folder / "venv"
     _run("creating the venv", recipe, [VENV_PYTHON, "-m", "venv", str(venv)], log)
     python = venv / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
     constraints = folder / "constraints.txt"
-    constraints.write_text(f"{TORCH}\n", encoding="utf-8")
+    constraints.write_text("\n".join([TORCH, *recipe.neighbour_pins]) + "\n", encoding="utf-8")
     req_file = folder / "requirements.txt"
     req_file.write_text("\n".join(requirements(recipe, webui_dir)) + "\n", encoding="utf-8")
     _run("installing torch", recipe, [*pip, TORCH], log)
     _run("installing torchvision", recipe, [*pip, "--no-deps", TORCHVISION], log)
-    _run("installing the host's requirements", recipe, [*pip, "-c", str(constraints), "-r", str(req_file)], log)
+    step = "installing the host's (and its neighbours') requirements"
+    _run(step, recipe, [*pip, "-c", str(constraints), "-r", str(req_file), *needs], log)
     _guard_torchvision(python)
     frozen = folder / "frozen.txt"
     with open(frozen, "wb") as fh:
         subprocess.run([str(python), "-m", "pip", "freeze"], stdout=fh, check=True)
     # the tier's own packages may not move the host's: its installed versions are constraints
     _run("installing the test tier's packages", recipe, [*pip, "-c", str(frozen), *recipe.tier], log)
-    neighbours_dir = folder / "neighbours"
-    for pattern in recipe.neighbours:
-        extension = unpack(recipe, tarball(pattern), neighbours_dir)
-        needs = extension / "requirements.txt"
-        if needs.is_file():
-            pins = [arg for pin in recipe.neighbour_pins for arg in ("-c", _pin_file(folder, pin))]
-            step = f"installing {extension.name}'s requirements"
-            _run(step, recipe, [*pip, "-c", str(frozen), *pins, "-r", str(needs)], log)
-    neighbours_dir.mkdir(exist_ok=True)
     _run("importing torch and torchvision", recipe, [str(python), "-c", "import torch, torchvision"], log)
     return Host(recipe, webui_dir, python, neighbours_dir)
-
-
-def _pin_file(folder: Path, pin: str) -> str:
-    """A constraints file holding ``pin`` (pip takes constraints from files only)."""
-    path = folder / f"pin-{hashlib.sha256(pin.encode()).hexdigest()[:8]}.txt"
-    path.write_text(pin + "\n", encoding="utf-8")
-    return str(path)
 
 
 def setup(name: str, checkout: Path | None = None) -> Host:
