@@ -1,8 +1,8 @@
 """Screenshot of the Multi-LoRA Composition panel in a real webui's txt2img tab (headless Chromium over CDP).
 
-Starts the webui with its gradio UI on a throwaway data dir (the tiny random SD1 model and test LoRAs of the
-real-webui test tier), types a prompt with three ``<lora>`` tags, opens the panel, picks Composite, checks that the
-panel then shows Composite's controls only, and saves a PNG.
+Starts the webui with its gradio UI as ``python -m tests.hosts run a1111`` does (``tests/hosts/ui.py``: a throwaway
+folder, the tiny random SD1 model and test LoRAs of the real-webui test tier), types a prompt with three ``<lora>``
+tags, opens the panel, picks Composite, checks that the panel then shows Composite's controls only, and saves a PNG.
 
     SD_WEBUI_DIR=/path/to/webui /path/to/webui/venv/bin/python docs/screenshot.py [--out docs/panel.png]
 
@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.webui.server import WebuiServer, stop_process, webui_dir_from_env  # noqa: E402
+from tests.hosts.ui import ui_server  # noqa: E402
+from tests.webui.server import stop_process, webui_dir_from_env, webui_python  # noqa: E402
 
 PROMPT = "a portrait <lora:mlA:0.8> <lora:mlB:0.8> <lora:mlC:0.8>"
 CHROMIUM_FLAGS = (
@@ -88,26 +89,6 @@ CLIP_JS = """
     return JSON.stringify({x: tab.left, y: Math.max(0, top.top - 16), right: tab.right, bottom: panel.bottom + 8});
 })()
 """
-
-
-class UiWebuiServer(WebuiServer):
-    """The test tier's server with the gradio UI on (``--nowebui`` dropped, ``--api`` kept)."""
-
-    def command(self) -> list[str]:
-        return [arg for arg in super().command() if arg != "--nowebui"]
-
-    def wait_page(self, timeout: float = 120.0) -> None:
-        """Wait until the UI page at / answers (the API can be up a moment earlier)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.base_url + "/", timeout=10) as resp:
-                    if resp.status == 200 and b"gradio" in resp.read().lower():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"webui page not up after {timeout:.0f}s\n{self.log_tail()}")
 
 
 class Cdp:
@@ -241,24 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     if webui_dir is None:
         raise SystemExit("set SD_WEBUI_DIR to a webui 1.10.x checkout")
     chromium = find_chromium(args.chromium)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-    from tests.webui.tiny_lora import build_loras
-    from tests.webui.tiny_model import build_tiny_sd1
 
     work = Path(tempfile.mkdtemp(prefix="multilora-shot-"))
-    data_dir = work / "webui-data"
-    ckpt = build_tiny_sd1(data_dir / "models" / "Stable-diffusion", seed=0, webui_dir=webui_dir)
-    lora_dir = data_dir / "models" / "Lora"
-    build_loras(lora_dir, ckpt, seed=0, webui_dir=webui_dir)
-
-    server = UiWebuiServer(webui_dir=webui_dir, data_dir=data_dir, ckpt=ckpt, lora_dir=lora_dir)
+    server = ui_server("a1111", webui_dir, webui_python(), work)
     browser: subprocess.Popen[bytes] | None = None
     try:
         print(f"starting webui on {server.base_url} (log: {server.log_path})", flush=True)
         server.start()
         server.wait_ready()
-        server.wait_page()
         profile = work / "chromium-profile"
         profile.mkdir()
         browser, ws_url = start_chromium(chromium, profile, args.width, args.height)

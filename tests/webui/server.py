@@ -224,6 +224,12 @@ class WebuiServer:
                 raise RuntimeError(f"webui exited with code {self.proc.returncode} during startup\n{self.log_tail()}")
             if "Stable diffusion model failed to load" in self.log_text():
                 raise RuntimeError(f"webui could not load the test checkpoint\n{self.log_tail()}")
+            if self.ui and "Startup time:" not in self.log_text():
+                # with the UI, the webui adds its API's middleware while gradio already serves: a request in between
+                # fails the startup ("Cannot add middleware after an application has started"), so none before this
+                last_error = "no startup line in the log yet"
+                time.sleep(0.5)
+                continue
             try:
                 status = requests.get(f"{self.base_url}/multilora-probe/status", timeout=5).json()
                 if status.get("model_loaded"):

@@ -395,3 +395,26 @@ def save_lora(
         unet_layers=tuple(unet_layers),
         te_layers=tuple(te_layers),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for a process without the webui's packages (``python -m tests.hosts run``, the browser tier), run with
+    the webui's python: ``python -m tests.webui.tiny_lora OUT_DIR [--webui-dir DIR]`` builds the tier's tiny
+    model into ``OUT_DIR/Stable-diffusion`` and its LoRAs into ``OUT_DIR/Lora``, as the tier's fixture does, and
+    prints ``{"ckpt": ..., "lora_dir": ...}``."""
+    import argparse
+
+    from .tiny_model import build_tiny_sd1
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--webui-dir", default=None, help="webui checkout (default: $SD_WEBUI_DIR)")
+    args = parser.parse_args(argv)
+    ckpt = build_tiny_sd1(args.out_dir / "Stable-diffusion", seed=0, webui_dir=args.webui_dir)
+    build_loras(args.out_dir / "Lora", ckpt, seed=0, webui_dir=args.webui_dir)
+    print(json.dumps({"ckpt": str(ckpt), "lora_dir": str(args.out_dir / "Lora")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
