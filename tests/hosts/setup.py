@@ -1,9 +1,10 @@
 """Unpack a host from ../shared/hosts and build its venv by its recipe, once per tarball and recipe.
 
 The result lives in a cache folder outside the repository (``$MULTILORA_HOSTS_CACHE``, default
-``~/.cache/sd-webui-multilora/hosts``), in ``<host>-<key>/`` where the key hashes the tarball, the recipe and
-``BUILD_STEPS``. A folder is used only once its ``ready.json`` is written, the last step, so an interrupted build is
-rebuilt from scratch at the next call and a finished one is found in well under a second.
+``/var/tmp/sd-webui-multilora-hosts``: no folder on the path may start with a dot, as A1111's gradio 3.41 refuses to
+serve a file from such a path, its own page scripts included), in ``<host>-<key>/`` where the key hashes the
+tarball, the recipe and ``BUILD_STEPS``. A folder is used only once its ``ready.json`` is written, the last step, so
+an interrupted build is rebuilt from scratch at the next call and a finished one is found in well under a second.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def hosts_dir() -> Path:
 
 def cache_root() -> Path:
     value = os.environ.get("MULTILORA_HOSTS_CACHE", "").strip()
-    return Path(value) if value else Path.home() / ".cache" / "sd-webui-multilora" / "hosts"
+    return Path(value) if value else Path("/var/tmp/sd-webui-multilora-hosts")
 
 
 def tarball(pattern: str) -> Path:
