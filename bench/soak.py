@@ -1,9 +1,10 @@
-"""Soak: many random API generations against a real webui, checking after each one that Multi-LoRA left no trace.
+"""Soak: many random API generations against a real host, checking after each one that Multi-LoRA left no trace.
 
-Starts its own API-only webui on the CPU (tests/webui/server.py) in a temporary data dir with the tiny random SD1
-model and the five test LoRAs, then runs N generations with a seeded random draw of: method (off, Switch,
-Composite), τ, a subset of 0-4 of mlA/mlB/mlC/mlLocon/mlLoha, batch size 1-2, hires fix on/off, and an interrupt
-(POST /sdapi/v1/interrupt from a timer thread after a short random delay) for some of them.
+Starts its own API-only host on the CPU (A1111 or Forge: the test tiers' servers) in a temporary data dir with that
+tier's tiny random SD1 model and its five test LoRAs (A1111: mlA/mlB/mlC/mlLocon/mlLoha; Forge:
+mlA/mlB/mlC/mlLoha/mlFull), then runs N generations with a seeded random draw of: method (off, Switch, Composite),
+τ, a subset of 0-4 of the LoRAs, batch size 1-2, hires fix on/off, and an interrupt (POST /sdapi/v1/interrupt from a
+timer thread after a short random delay) for some of them.
 
 After each generation:
 - forward hooks on the UNet and text encoder are as many as at startup (a pass's hooks never outlive it);
@@ -13,14 +14,16 @@ After each generation:
   be bit-identical to the cached plain image.
 A generation failing any of these counts as one leak. Errors: non-2xx answers and tracebacks in the server log
 (except the known startup report that ``server.tracebacks`` leaves out). The last line is exactly
-``soak: generations=N leaks=L errors=E``; the exit code is 1 when L or E is not 0.
+``soak: host=H generations=N leaks=L errors=E``; the exit code is 1 when L or E is not 0.
 
-    SD_WEBUI_DIR=/path/to/webui /path/to/webui/venv/bin/python bench/soak.py --generations 200 [--seed 0]
+    eval "$(python3 -m tests.hosts setup a1111)"; "$SD_WEBUI_PYTHON" bench/soak.py --generations 200 [--seed 0]
+    eval "$(python3 -m tests.hosts setup forge)"; "$SD_FORGE_PYTHON" bench/soak.py --host forge
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -34,11 +37,14 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.webui.server import DEFAULT_TXT2IMG, WebuiClient, WebuiServer, tracebacks, webui_dir_from_env  # noqa: E402
+from tests.hosts.recipes import RECIPES  # noqa: E402
+from tests.hosts.ui import build_assets, host_server  # noqa: E402
+from tests.webui.server import DEFAULT_TXT2IMG, WebuiClient, WebuiServer, tracebacks  # noqa: E402
 
 TITLE = "Multi-LoRA Composition"
 PROMPT = "a photo of a cat"
-LORAS = ("mlA", "mlB", "mlC", "mlLocon", "mlLoha")
+#: Each tier's five test LoRAs: plain ones, and the types each host runs on its dense path.
+LORAS = {"a1111": ("mlA", "mlB", "mlC", "mlLocon", "mlLoha"), "forge": ("mlA", "mlB", "mlC", "mlLoha", "mlFull")}
 METHODS = ("off", "Switch", "Composite")
 PLAIN: dict[str, Any] = {**DEFAULT_TXT2IMG, "steps": 6, "seed": 7}
 HIRES: dict[str, Any] = {
@@ -93,13 +99,13 @@ class Draw:
         return " ".join(parts)
 
 
-def draw(rng: random.Random) -> Draw:
+def draw(rng: random.Random, loras: tuple[str, ...]) -> Draw:
     # subsets in a fixed order: the plain-generation cache is per prompt, and order only changes Switch's schedule
-    chosen = set(rng.sample(LORAS, rng.randint(0, 4)))
+    chosen = set(rng.sample(loras, rng.randint(0, 4)))
     return Draw(
         method=rng.choice(METHODS),
         tau=rng.randint(1, 5),
-        loras=tuple(name for name in LORAS if name in chosen),
+        loras=tuple(name for name in loras if name in chosen),
         batch_size=rng.randint(1, 2),
         hires=rng.random() < 0.25,
         steps=rng.randint(4, 10),
@@ -182,15 +188,10 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def start_server(work: Path, webui_dir: Path) -> WebuiServer:
-    from tests.webui.tiny_lora import build_loras
-    from tests.webui.tiny_model import build_tiny_sd1
-
-    data_dir = work / "webui-data"
-    ckpt = build_tiny_sd1(data_dir / "models" / "Stable-diffusion", seed=0, webui_dir=webui_dir)
-    lora_dir = data_dir / "models" / "Lora"
-    build_loras(lora_dir, ckpt, seed=0, webui_dir=webui_dir)
-    server = WebuiServer(webui_dir=webui_dir, data_dir=data_dir, ckpt=ckpt, lora_dir=lora_dir)
+def start_server(host: str, work: Path, webui_dir: Path) -> WebuiServer:
+    """The host's API-only server on the tier's model and LoRAs, built with this python, started and ready."""
+    ckpt, lora_dir = build_assets(host, webui_dir, sys.executable, work / "models")
+    server = host_server(host, webui_dir, sys.executable, ckpt, lora_dir, work / "data")
     server.start()
     try:
         server.wait_ready()
@@ -205,20 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (same seed, same soak)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir (server log) at the end")
+    parser.add_argument("--host", choices=sorted(LORAS), default="a1111", help="run with that host's python")
     args = parser.parse_args(argv)
-    webui_dir = webui_dir_from_env()
-    if webui_dir is None:
-        parser.error("set SD_WEBUI_DIR to a webui 1.10.x checkout")
+    recipe = RECIPES[args.host]
+    webui_dir = os.environ.get(recipe.dir_var, "").strip()
+    if not webui_dir:
+        parser.error(f"set {recipe.dir_var} to the checkout (python3 -m tests.hosts setup {args.host})")
     work = Path(tempfile.mkdtemp(prefix="multilora-soak-"))
-    log(f"building assets and starting the webui in {work}")
-    server = start_server(work, webui_dir)
+    log(f"building assets and starting {args.host} in {work}")
+    server = start_server(args.host, work, Path(webui_dir))
     rng = random.Random(args.seed)
     leaks = errors = interrupts = 0
     try:
         soak = Soak(server)
         started = time.monotonic()
         for i in range(1, args.generations + 1):
-            d = draw(rng)
+            d = draw(rng, LORAS[args.host])
             outcome = soak.run(d)
             leaks += bool(outcome.leaks)
             errors += len(outcome.errors)
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work} (server log: {server.log_path})")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"soak: generations={args.generations} leaks={leaks} errors={errors}", flush=True)
+    print(f"soak: host={args.host} generations={args.generations} leaks={leaks} errors={errors}", flush=True)
     return 1 if leaks or errors else 0
 
 
