@@ -201,13 +201,20 @@ def resolve(p: Any, loaded: list[Any]) -> Resolved | None:
     args = effective_args(p)
     if args is None:
         return None
-    selection = select([(n.name, network_names(n)) for n in loaded], args.lora_names)
+    selection = select([(prompt_name(n), network_names(n)) for n in loaded], args.lora_names)
     for w in selection.warnings:
         warn(p, w)
     if selection.error:
         warn(p, selection.error + "; running without Multi-LoRA")
         return None
     return Resolved(args, loaded, [loaded[i] for i in selection.composed], selection.counts)
+
+
+def prompt_name(net: Any) -> str:
+    """The name the prompt writes a loaded LoRA by (``<lora:NAME:...>``), which the infotext, the ``LoRAs to compose``
+    field and the preview show: another extension may rename ``name`` (LoRA Block Weight appends a random
+    ``_in_LBW_0.123`` on A1111), and a name that changes per generation cannot be pasted back."""
+    return getattr(net, "mentioned_name", None) or net.name
 
 
 def network_names(net: Any) -> frozenset[str]:

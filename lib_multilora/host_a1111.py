@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import generation, webui
+from . import generation, neighbours, webui
 from .args import MIXING, MultiLoraArgs
 from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine
-from .generation import Resolved, report_unscheduled, unwrap_method, warn, wrap_method
+from .generation import Resolved, prompt_name, report_unscheduled, unwrap_method, warn, wrap_method
 from .inner import MethodInner, runs_batched
 from .schedule import sampling_step
 from .spatial import Spatial, StackedCondRows
@@ -65,7 +65,7 @@ def resolve(p: Any) -> Resolved | None:
         if count > 1:
             warn(
                 p,
-                f"{net.name} appears {count} times in the prompt: the webui merges it {count} times, so it is "
+                f"{prompt_name(net)} appears {count} times in the prompt: the webui merges it {count} times, so it is "
                 f"composed as one LoRA at {count}x its weight",
             )
     return resolved
@@ -73,7 +73,7 @@ def resolve(p: Any) -> Resolved | None:
 
 def plan_pass(p: Any, resolved: Resolved) -> tuple[dict[nn.Module, dict[int, Delta]], dict[str, int]] | str:
     """The pass's per-layer deltas and misfit counts (:func:`collect_deltas`), or why the pass must be refused."""
-    refusal = host_conflict() or unsupported_model(p.sd_model)
+    refusal = neighbours.refusal(p, resolved.args.method) or host_conflict() or unsupported_model(p.sd_model)
     if refusal:
         return refusal
     try:
@@ -81,7 +81,7 @@ def plan_pass(p: Any, resolved: Resolved) -> tuple[dict[nn.Module, dict[int, Del
             builtin_networks().assign_network_names_to_compvis_modules(p.sd_model)
         return collect_deltas(resolved.composed, resolved.counts, p.sd_model.network_layer_mapping)
     except Exception as e:  # a LoRA type we cannot express: plain behaviour, said out loud
-        return f"cannot apply {', '.join(n.name for n in resolved.composed)} per pass ({e})"
+        return f"cannot apply {', '.join(map(prompt_name, resolved.composed))} per pass ({e})"
 
 
 def apply_text_encoder_policy(p: Any) -> None:
@@ -137,7 +137,7 @@ def start_pass(p: Any) -> None:
             f"{name}: {count} UNet layer(s) do not fit this model (another base model, or a type the built-in cannot "
             "compute); left out, as Merge does",
         )
-    untouched = [n.name for k, n in enumerate(resolved.composed) if not any(k in d for d in deltas.values())]
+    untouched = [prompt_name(n) for k, n in enumerate(resolved.composed) if not any(k in d for d in deltas.values())]
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
     # fp8 weights round every merge: a complement subtracted in a hook would not cancel what the merge rounded in
@@ -193,18 +193,20 @@ def webui_device() -> torch.device:
 
 
 def splits_batch(p: Any, args: MultiLoraArgs) -> bool:
-    """Whether a webui feature splits the batch inside the UNet this pass (Hypertile tiles each image in the
-    self-attention layers), so that a Batched Composite's row groups cannot be told apart: said, and run sequentially
-    from the start. (Any other layer that sees another row count makes the wrapper fall back at its first call.)"""
+    """Whether a webui feature or another extension splits the batch inside the UNet this pass (Hypertile tiles each
+    image in the self-attention layers; Regional Prompter's attention mode divides the rows by the batch size), so
+    that a Batched Composite's row groups cannot be told apart: said, and run sequentially from the start. (Any other
+    layer that sees another row count makes the wrapper fall back at its first call.)"""
     from modules import shared
 
     opts = shared.opts
     hypertile = getattr(opts, "hypertile_enable_unet", False) or (
         getattr(p, "is_hr_pass", False) and getattr(opts, "hypertile_enable_unet_secondpass", False)
     )
-    if hypertile and args.method in MIXING and runs_batched(args.execution, webui_device()):
-        warn(p, "Hypertile U-Net splits the batch inside the UNet; running Composite sequentially")
-    return bool(hypertile)
+    splitter = "Hypertile U-Net splits the batch inside the UNet" if hypertile else neighbours.splits_batch(p)
+    if splitter and args.method in MIXING and runs_batched(args.execution, webui_device()):
+        warn(p, f"{splitter}; running Composite sequentially")
+    return splitter is not None
 
 
 def fp8_weights() -> bool:
@@ -269,7 +271,7 @@ def collect_deltas(
             if isinstance(delta, LowRankDelta) or fits(net_module, module):
                 deltas.setdefault(module, {})[k] = delta
             else:
-                misfits[net.name] = misfits.get(net.name, 0) + 1
+                misfits[prompt_name(net)] = misfits.get(prompt_name(net), 0) + 1
     return deltas, misfits
 
 
@@ -380,7 +382,7 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, s
         merged=generation.merged_groups(len(composed), keep_merged),
         spatial=spatial_settings(p, args),
     )
-    names = [n.name for n in composed]
+    names = [prompt_name(n) for n in composed]
     p.multilora_pass = Pass(
         engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names, webui.activations
     )

@@ -5,6 +5,7 @@ instead of cleaning up the original. Shown against the real webui's X/Y/Z cells 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,3 +130,16 @@ def test_bad_args_warn_once_in_the_infotext() -> None:
     generation.warn(p, p.multilora_warnings[0])
     assert p.multilora_args.enabled is False
     assert p.extra_generation_params[generation.WARNING_LABEL].count("bogus") == 1 and len(p.comments) == 1
+
+
+def test_loras_are_named_as_the_prompt_writes_them_whatever_another_extension_renamed_them_to() -> None:
+    """LoRA Block Weight renames A1111's loaded LoRA ``alpha`` to ``alpha_in_LBW_0.123`` (a random suffix per
+    generation): the composed set, its warnings and the ``LoRAs to compose`` field use ``alpha``."""
+    p = Generation([])
+    generation.begin(p, ({"enabled": True, "method": "Composite", "loras": "alpha"},), RecordingHost())
+    disk = SimpleNamespace(name="alpha", alias="alpha")
+    renamed = SimpleNamespace(name="alpha_in_LBW_0.123", mentioned_name="alpha", network_on_disk=disk)
+    resolved = generation.resolve(p, [renamed])
+    assert resolved is not None and resolved.composed == [renamed]
+    assert generation.prompt_name(renamed) == "alpha"
+    assert "only one LoRA (alpha)" in p.extra_generation_params[generation.WARNING_LABEL]

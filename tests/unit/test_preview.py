@@ -45,3 +45,10 @@ def test_tags_in_prompt_win_and_problems_show() -> None:
     assert preview_text(PROMPT, 12, MultiLoraArgs()).startswith("Off")
     assert "fall back" in preview_text(PROMPT + " <multilora:switch:x>", 12, MultiLoraArgs(True))
     assert preview_text("a cat", 12, MultiLoraArgs(True)).startswith("No <lora>")
+
+
+def test_the_preview_names_loras_as_the_prompt_writes_them_whatever_their_items() -> None:
+    """LoRA Block Weight's items (block weights with commas, start/stop) leave the names as written."""
+    prompt = "a cat <lora:alpha:0.5:lbw=1,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1,1:start=2> <lora:beta:0.5:lbw=OUTALL>"
+    text = preview_text(prompt, 8, MultiLoraArgs(True, "Switch", 4))
+    assert text == "Switch every 4 of 8 steps: alpha: 0-3 | beta: 4-7"
