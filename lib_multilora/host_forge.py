@@ -15,18 +15,24 @@ LoRAs stay merged and the hooks subtract the other composed ones, as on A1111, u
 rounds the LoRAs into them: then they are taken out too). ``finish_pass`` puts the original patcher back, and its
 weights if the pass changed them, and leaves the clone, which Forge's memory management keeps loaded until the next
 generation, without our wrapper.
+
+Forge computes a model call's ControlNet residuals once, before the wrapper (``c["control"]``), and its UNet pops
+them off the lists as it adds them: each of the call's passes gets its own copy of the lists (``inner.fresh``), so
+the passes share that one ControlNet run, which is exact, as the ControlNet's weights carry no LoRA.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import generation
+from . import generation, neighbours
 from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine, is_linear
 from .generation import Resolved, report_unscheduled, warn
 from .inner import MethodInner, runs_batched
@@ -98,7 +104,10 @@ def plan_pass(p: Any, resolved: Resolved) -> dict[nn.Module, dict[int, Delta]] |
     """The pass's per-layer deltas (:func:`collect_deltas`), or why the pass cannot be composed exactly: a model the
     engine does not cover, LoRAs Forge applies online (low-bit weights with an "fp16 LoRA" option: merged in every
     forward, not into the weights), quantized weights (bnb nf4/fp4, GGUF), composed LoRAs Forge loaded no patches
-    for, or layers the hooks have no op for."""
+    for, layers the hooks have no op for, or another extension's work the pass cannot follow (:mod:`neighbours`)."""
+    refusal = neighbours.refusal(p, resolved.args.method)
+    if refusal:
+        return refusal
     model = p.sd_model
     if not any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS):
         return f"{type(model).__name__} models are not supported (SD1, SD2 and SDXL are)"
@@ -270,10 +279,10 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, original: Any, keep_
     weights = generation.pass_weights(p, args, len(composed))
     denoiser = p.sampler.model_wrap_cfg
     inner = ApplyModel()
-    kinds: list[int] = []  # the chunks of the UNet call about to run: 0 cond, 1 uncond (calc_cond_uncond_batch)
+    cond_rows: list[torch.Tensor | None] = [None]  # the cond rows of the call about to reach the wrapper
     spatial = None
     if args.method == "Spatial":  # Forge's apply_model returns denoised predictions of (input, timestep = sigma)
-        spatial = Spatial(args.patch, args.temperature, lambda rows: chunk_cond_rows(kinds, rows))
+        spatial = Spatial(args.patch, args.temperature, lambda rows: rows_if(cond_rows[0], rows))
     wrapper = MethodInner(
         inner,
         engine,
@@ -289,16 +298,23 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, original: Any, keep_
         steps=lambda: step_offset + (denoiser.steps or 0),
         merged=generation.merged_groups(len(composed), keep_merged),
         spatial=spatial,
+        conflict=batch_conflict,
     )
     previous = original.model_options.get("model_function_wrapper")
 
     def unet_function(apply_model: Callable[..., torch.Tensor], call: dict[str, Any]) -> torch.Tensor:
         """Forge's model function wrapper: the method around each UNet call, inside any wrapper set before."""
         inner.apply_model = apply_model
-        kinds[:] = call.get("cond_or_uncond") or []
-        if previous is not None:
-            return previous(wrapper, call)
-        return wrapper(call["input"], call["timestep"], **call["c"])
+        own = chunk_cond_rows(call.get("cond_or_uncond") or [], call["input"].shape[0])
+        if previous is None:
+            cond_rows[0] = own
+            return wrapper(call["input"], call["timestep"], **call["c"])
+
+        def wrapped(x: torch.Tensor, t: torch.Tensor, **c: Any) -> torch.Tensor:
+            cond_rows[0] = stacked_cond_rows(own, call["c"], c, x.shape[0])
+            return wrapper(x, t, **c)
+
+        return previous(wrapped, call)
 
     patcher.set_model_unet_function_wrapper(unet_function)
     names = [n.name for n in composed]
@@ -307,6 +323,67 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, original: Any, keep_
     p.sd_model.forge_objects.unet = patcher
     engine.install()
     generation.finish_with_sampler(p, p.sampler, finish_pass)
+
+
+def rows_if(cond_rows: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``cond_rows`` if it is one per row of a call of ``rows`` rows, else None (not known)."""
+    return cond_rows if cond_rows is not None and cond_rows.shape[0] == rows else None
+
+
+def stacked_cond_rows(own: torch.Tensor | None, call_c: dict[str, Any], c: dict[str, Any], rows: int) -> Any:
+    """The cond rows of a call that a model function wrapper set before ours makes of the UNet call: Forge's
+    MultiDiffusion stacks tiles of the latent, each with all of the call's rows in the call's order (its conds
+    repeated per tile), so a call of k tiles has the call's cond rows k times over. Only where the call's
+    cross-attention conds confirm that layout; None (not known) otherwise."""
+    context, tiled = call_c.get("c_crossattn"), c.get("c_crossattn")
+    if own is None or rows % own.shape[0] or not isinstance(context, torch.Tensor) or context.shape[0] != own.shape[0]:
+        return None
+    k = rows // own.shape[0]
+    if not isinstance(tiled, torch.Tensor) or not torch.equal(tiled, context.repeat(k, *[1] * (context.dim() - 1))):
+        return None
+    return own.repeat(k)
+
+
+def unet_patches(options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(kind, callable) for everything in a call's ``transformer_options`` that Forge's UNet hands the call's rows to
+    besides its own layers (``backend/nn/unet.py``): other extensions' patches (``"attn1 patch"``, ``"output block
+    patch"``...), attention replacements, block modifiers and the group-norm wrapper."""
+    found = [(kind.replace("_", " "), fn) for kind, fns in (options.get("patches") or {}).items() for fn in fns]
+    for attention, per_block in (options.get("patches_replace") or {}).items():
+        found += [(f"{attention} replacement", fn) for fn in per_block.values()]
+    for kind in ("block_modifiers", "block_inner_modifiers"):
+        found += [(kind[:-1].replace("_", " "), fn) for fn in options.get(kind) or []]
+    if options.get("group_norm_wrapper") is not None:
+        found.append(("group norm wrapper", options["group_norm_wrapper"]))
+    return found
+
+
+def owner(fn: Any) -> str:
+    """The extension a patch comes from (its folder under ``extensions``/``extensions-builtin``), or its module."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    try:
+        path = Path(inspect.getfile(fn if inspect.isroutine(fn) else type(fn).__call__))
+    except TypeError:  # a builtin
+        path = Path()
+    for folder in ("extensions-builtin", "extensions"):
+        if folder in path.parts[:-1]:
+            return path.parts[path.parts.index(folder) + 1]
+    return getattr(fn, "__module__", None) or type(fn).__name__
+
+
+def batch_conflict(kwargs: dict[str, Any]) -> str | None:
+    """Why this UNet call's batch may not be replicated per LoRA: other extensions' patches inside the UNet see the
+    call's rows as one batch (StyleAlign shares attention across them, SAG records one call's attention and slices
+    it by the call's cond/uncond layout, IP-Adapter and reference indexes rows by it), so only a plain UNet
+    is batched; None when the call carries no patch."""
+    patches = unet_patches(kwargs.get("transformer_options") or {})
+    if not patches:
+        return None
+    by_owner: dict[str, set[str]] = {}
+    for kind, fn in patches:
+        by_owner.setdefault(owner(fn), set()).add(kind)
+    named = "; ".join(f"{name} ({', '.join(sorted(kinds))})" for name, kinds in sorted(by_owner.items()))
+    return f"the UNet patches of {named}"
 
 
 def finish_pass(p: Any) -> None:

@@ -45,6 +45,17 @@ def runs_batched(execution: str, device: torch.device) -> bool:
     return execution == "Batched" or (execution == "Auto" and device.type == "cuda")
 
 
+def fresh(value: Any) -> Any:
+    """``value`` with every dict, list and tuple in it copied, tensors and other objects shared: what one inner-model
+    call may consume or mutate (Forge's UNet pops its ControlNet residuals off the ``control`` lists and writes into
+    ``transformer_options``) is the host's per-call state, so each of a step's calls gets its own copy of it."""
+    if isinstance(value, dict):
+        return {key: fresh(v) for key, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(fresh(v) for v in value)
+    return value
+
+
 def replicate(value: Any, rows: int, n: int) -> Any:
     """``value`` with every per-row tensor (dim 0 == ``rows``) repeated ``n`` times along dim 0, through nested
     lists, tuples and dicts: x, sigma and every conditioning tensor, whatever the model type's cond layout."""
@@ -61,15 +72,18 @@ class MethodInner(nn.Module):
     """Stands in for the denoiser's inner model for one sampling pass.
 
     ``step`` returns the current sampling step (read from the host's counter on every call, so chunked calls and
-    second-order samplers stay on the right LoRA). ``observer(step, active, (args, kwargs), result)`` sees every
-    call after it ran: the trace the tests and the infotext read. ``batched`` runs Composite as one call on the batch
-    replicated per LoRA; it falls back to sequential calls for the rest of the pass, saying why through ``warn``,
-    when that runs out of memory or another extension changes the number of rows. ``weights`` (Composite, one per
-    LoRA, summing to 1; None: the plain mean) weight the mean; a LoRA of weight 0 is not run at all. ``window``
-    (start, end) bounds the steps the method runs in (:func:`window_steps` of ``steps()``, the pass's step count,
-    called on each call); outside it the call runs with ``merged`` active, the row groups under which every LoRA acts
-    merged (none where the weights hold them all; all of them where the pass took them out), and a Switch schedule
-    starts at the window's first step. ``spatial`` (Spatial Composite) also runs the base, the engine's LoRA index
+    second-order samplers stay on the right LoRA). ``observer(step, active, (args, kwargs), result)`` sees every call
+    after it ran: the trace the tests and the infotext read. Each of a call's N inner calls gets its own copy of the
+    call's containers (:func:`fresh`). ``batched`` runs Composite as one call on the batch replicated per LoRA; it falls
+    back to sequential calls for the rest of the pass, saying why through ``warn``, when that call fails (out of memory
+    or any other error), another extension changes the number of rows, or ``conflict(kwargs)``, the host's word on the
+    call, names extensions whose patches inside the model would take the replicated batch for one call's rows (attention
+    shared or recorded across rows, rows indexed by the call's cond/uncond layout). ``weights`` (Composite, one per
+    LoRA, summing to 1; None: the plain mean) weight the mean; a LoRA of weight 0 is not run at all. ``window`` (start,
+    end) bounds the steps the method runs in (:func:`window_steps` of ``steps()``, the pass's step count, called on each
+    call); outside it the call runs with ``merged`` active, the row groups under which every LoRA acts merged (none
+    where the weights hold them all; all of them where the pass took them out), and a Switch schedule starts at the
+    window's first step. ``spatial`` (Spatial Composite) also runs the base, first, the engine's LoRA index
     ``n_loras`` (no composed LoRA), and mixes per patch (:func:`spatial.spatial_mix`); the call's ``x`` and ``sigma``
     are its first two args, and its output the denoised prediction.
     """
@@ -90,6 +104,7 @@ class MethodInner(nn.Module):
         steps: Callable[[], int] | None = None,
         merged: tuple[Group, ...] = (),
         spatial: Spatial | None = None,
+        conflict: Callable[[dict], str | None] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -100,6 +115,7 @@ class MethodInner(nn.Module):
         self.weights = weights
         self._window, self._steps, self._merged = window, steps, merged
         self.spatial = spatial
+        self._conflict = conflict
         self.last_cond_rows: torch.Tensor | None = None  # Spatial: the cond rows of the last call (the probe reads it)
         self.used: set[int] = set()  # LoRAs that ran in at least one call
 
@@ -142,13 +158,16 @@ class MethodInner(nn.Module):
             self.last_cond_rows = cond_rows
             if self.spatial is not None and cond_rows is None:
                 self._say("which rows are cond rows is not known for this call; running it as Composite")
-            ks = active if cond_rows is None else [*active, self._n]  # Spatial: the base last
+            # Spatial: the base first, so that a call's last pass is a composed LoRA's, as under Composite (an
+            # extension that records one UNet call's state for later, SAG's attention map, reference's keys and
+            # values, keeps the last pass's)
+            ks = active if cond_rows is None else [self._n, *active]
             outputs = self._outputs(ks, args, kwargs)
             weights = self._weights_of(active)
             if cond_rows is not None:
                 result = spatial_mix(
-                    outputs[:-1],
-                    outputs[-1],
+                    outputs[1:],
+                    outputs[0],
                     args[0],
                     args[1],
                     cond_rows,
@@ -172,20 +191,26 @@ class MethodInner(nn.Module):
         outputs = []
         for k in ks:
             with self.engine.active([(k, 0, None)]):
-                outputs.append(self.inner(*args, **kwargs))
+                outputs.append(self.inner(*fresh(args), **fresh(kwargs)))
         return outputs
 
     def _batched(self, ks: list[int], args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
         """Each LoRA's output from one call on the replicated batch, or None after falling back to sequential."""
         rows, n = args[0].shape[0], len(ks)
+        conflict = self._conflict(kwargs) if self._conflict is not None else None
+        if conflict is not None:
+            return self._fall_back(f"{conflict} would take the {n}x{rows} rows of batched Composite for one call's")
+        failure = None
         try:
             out, misrouted = self._call_replicated(ks, rows, args, kwargs)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as e:  # whatever failed, the sequential calls are the reference
             out = misrouted = None  # leave the handler first: its traceback holds the batch's activations
+            oom = isinstance(e, torch.cuda.OutOfMemoryError)
+            failure = "ran out of memory" if oom else f"failed ({type(e).__name__}: {e})"
         if out is None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return self._fall_back(f"batched Composite ran out of memory for {n}x{rows} rows")
+            return self._fall_back(f"batched Composite {failure} for {n}x{rows} rows")
         if misrouted:
             return self._fall_back(
                 f"a LoRA layer saw another number of rows than the {n}x{rows} of the batch (Hypertile or another "

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lib_multilora.engine import HookEngine, LowRankDelta
-from lib_multilora.inner import MethodInner, composite_mean, replicate, runs_batched
+from lib_multilora.inner import MethodInner, composite_mean, fresh, replicate, runs_batched
+from lib_multilora.spatial import Spatial, spatial_mix
 
 
 class Inner(nn.Module):
@@ -180,9 +181,9 @@ def test_replicate_repeats_per_row_tensors_through_nested_conds() -> None:
 
 
 class FlakyInner(CondInner):
-    """Fails the way a batched call can: out of memory, another extension returning other rows, a tuple instead of
-    one tensor, or a layer that sees the batch split into tiles (Hypertile's self-attention: ``b`` rows become
-    ``b * tiles``)."""
+    """Fails the way a batched call can: out of memory, any other error (Forge's StyleAlign indexing the replicated
+    rows with the call's cond/uncond layout), another extension returning other rows, a tuple instead of one tensor,
+    or a layer that sees the batch split into tiles (Hypertile's self-attention: ``b`` rows become ``b * tiles``)."""
 
     def __init__(self, failure: str) -> None:
         super().__init__()
@@ -195,6 +196,8 @@ class FlakyInner(CondInner):
         out = super().forward(x, sigma, cond)
         if x.shape[0] > 4 and self.failure == "oom":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        if x.shape[0] > 4 and self.failure == "error":
+            raise RuntimeError("The size of tensor a (8) must match the size of tensor b (4)")
         if self.failure == "tuple":
             return out, sigma
         return out[:4] if x.shape[0] > 4 and self.failure == "rows" else out
@@ -202,6 +205,7 @@ class FlakyInner(CondInner):
 
 FALLBACK_REASONS = {
     "oom": "out of memory",
+    "error": "failed (RuntimeError: The size of tensor a (8) must match",
     "rows": "returned 4 rows for 2x4",
     "tuple": "returned a tuple",
     "tiles": "another number of rows than the 2x4",
@@ -225,6 +229,93 @@ def test_batched_falls_back_to_sequential_once_and_says_so(failure: str) -> None
     assert not wrapped.batched and len(warnings) == 1
     assert FALLBACK_REASONS[failure] in warnings[0]
     assert eng.groups == ()
+
+
+def test_batched_falls_back_up_front_on_the_hosts_word() -> None:
+    """A call whose patches would take the replicated rows for one call's (the host names them) never runs batched."""
+    inner, eng = cond_setup(2)
+    args, kwargs = cond_args("sd1")
+    rows: list[int] = []
+    inner.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]))
+    warnings: list[str] = []
+    conflict = "the UNet patches of sd_forge_sag (attn1 replace)"
+    wrapped = MethodInner(
+        inner, eng, "Composite", 2, 5, step=lambda: 0, batched=True, warn=warnings.append, conflict=lambda kw: conflict
+    )
+    expected = MethodInner(inner, eng, "Composite", 2, 5, step=lambda: 0)(*args, **kwargs)
+    rows.clear()
+    torch.testing.assert_close(wrapped(*args, **kwargs), expected, atol=0, rtol=0)
+    assert rows == [4, 4] and not wrapped.batched
+    assert warnings == [
+        f"{conflict} would take the 2x4 rows of batched Composite for one call's; running Composite sequentially"
+    ]
+
+
+class ConsumingInner(CondInner):
+    """Consumes per-call state as Forge's UNet does: pops its ControlNet residuals off the ``control`` lists and
+    writes into ``transformer_options``."""
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        residuals = cond["control"]["input"]
+        out = super().forward(x, sigma, cond)
+        while residuals:
+            out = out + residuals.pop()
+        cond["transformer_options"]["block"] = ("output", 1)
+        return out
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_inner_call_gets_its_own_copy_of_the_calls_state(n: int) -> None:
+    """Composite's N calls each see the call's ControlNet residuals, and the caller's state is left as it came."""
+    inner, eng = cond_setup(3)
+    inner.__class__ = ConsumingInner
+    (x, sigma), kwargs = cond_args("sd1")
+    residuals = [torch.randn(4, 6), torch.randn(4, 6)]
+    kwargs["cond"].update(control={"input": list(residuals)}, transformer_options={})
+    expected = torch.stack([single(inner, eng, k, (x, sigma), fresh(kwargs)) for k in range(n)]).mean(0)
+    got = MethodInner(inner, eng, "Composite", n, 5, step=lambda: 0)(x, sigma, **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert kwargs["cond"]["control"]["input"] == residuals and kwargs["cond"]["transformer_options"] == {}
+
+
+def test_fresh_copies_containers_and_shares_everything_else() -> None:
+    tensor, fn = torch.randn(2), print
+    value = ({"a": [tensor, (fn, {"b": [1]})]}, [tensor])
+    copy = fresh(value)
+    assert copy == value and copy is not value and copy[0] is not value[0] and copy[0]["a"] is not value[0]["a"]
+    assert copy[0]["a"][1][1]["b"] is not value[0]["a"][1][1]["b"]
+    assert copy[0]["a"][0] is tensor and copy[0]["a"][1][0] is fn and copy[1][0] is tensor
+
+
+class PixelInner(nn.Module):
+    """A denoiser-shaped inner model: ``[rows, C, H, W]`` in and out, the LoRA layer over the last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.lin(x) * sigma.view(-1, 1, 1, 1) + cond["c"]
+
+
+def test_spatial_runs_the_base_first_so_a_composed_lora_runs_last() -> None:
+    """An extension that keeps one UNet call's state for later (Forge's SAG its attention map, reference its keys and
+    values) keeps the last pass's: under Spatial, as under Composite, a composed LoRA's, never the base's."""
+    torch.manual_seed(4)
+    inner, eng = PixelInner(), HookEngine()
+    for k in range(2):
+        eng.add(inner.lin, k, LowRankDelta(torch.randn(2, 6), torch.randn(6, 2), 1.0))
+    eng.install()
+    order: list[list[int]] = []
+    inner.register_forward_pre_hook(lambda _m, _a: order.append([k for k, _, _ in eng.groups]))
+    rows = torch.tensor([True, False])
+    spatial = Spatial(2, 0.05, lambda n: rows)
+    x, sigma, kwargs = torch.randn(2, 4, 2, 6), torch.rand(2) + 0.5, {"cond": {"c": torch.randn(2, 4, 2, 6)}}
+    got = MethodInner(inner, eng, "Spatial", 2, 5, step=lambda: 0, spatial=spatial)(x, sigma, **kwargs)
+    assert order == [[2], [0], [1]]
+    singles = [single(inner, eng, k, (x, sigma), kwargs) for k in range(2)]
+    expected = spatial_mix(singles, single(inner, eng, 2, (x, sigma), kwargs), x, sigma, rows, 2, 0.05)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_composite_mean_averages_tuples_and_dicts_element_by_element() -> None:

@@ -16,6 +16,11 @@ Linked into the Forge tier's data dir (never shipped). Endpoints:
 - ``POST /multilora-probe/unet-storage {"option": "float8-e4m3fn (fp16 LoRA)"}``: Forge's "Diffusion in Low Bits"
   setting, applied as its UI applies it (``refresh_model_loading_parameters``): the next generation reloads the model
   with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option.
+- ``POST /multilora-probe/recompute {"enabled": false}``: the trace stops recomputing Composite and Spatial calls
+  (``diff_vs_mean``...: UNet calls of their own, whose state an extension like SAG would keep); answers the previous
+  setting.
+- ``POST /multilora-probe/controlnet-refresh``: the built-in ControlNet reads its model folders again (its panel's
+  refresh button), for a model written after startup; answers ``{model_list}``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from fastapi import Body
 from modules import script_callbacks, scripts, sd_models, shared
 
 LAST: dict[str, Any] = {"calls": []}
+#: Whether the trace recomputes each Composite/Spatial call (``mix_checks``). Those recomputes are UNet calls of their
+#: own: an extension that keeps a call's state for later (SAG's attention map) would then keep theirs.
+RECOMPUTE = {"enabled": True}
 MIX_CHECKS = Path(__file__).resolve().parents[3] / "webui" / "probe_extension" / "lib" / "mix_checks.py"
 
 
@@ -69,7 +77,7 @@ class MultiLoraTraceProbe(scripts.Script):
         def observer(step: int, active: list[int], call: tuple[tuple, dict], result: torch.Tensor) -> None:
             patched = [stem for stem, *_ in patch_sets(p.sd_model.forge_objects.unet)]
             entry: dict[str, Any] = {"step": step, "active": list(active), "patched": patched}
-            if len(active) > 1:
+            if len(active) > 1 and RECOMPUTE["enabled"]:
                 entry.update(mix_checks(p.multilora_pass.wrapper, active, call, result))
             calls.append(entry)
 
@@ -166,6 +174,22 @@ def on_app_started(_demo: Any, app: Any) -> None:
             shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
             main_entry.refresh_model_loading_parameters()
         return {"option": previous}
+
+    @app.post("/multilora-probe/recompute")
+    def recompute(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
+        previous = dict(RECOMPUTE)
+        RECOMPUTE["enabled"] = bool(body["enabled"])
+        return previous
+
+    @app.post("/multilora-probe/controlnet-refresh")
+    def controlnet_refresh() -> dict[str, list[str]]:
+        """Forge's built-in ControlNet lists its model folders once, when it loads: list them again, as the refresh
+        button of its panel does, and answer its model names."""
+        import sys
+
+        global_state = sys.modules["lib_controlnet.global_state"]
+        global_state.update_controlnet_filenames()
+        return {"model_list": global_state.get_all_controlnet_names()}
 
 
 script_callbacks.on_app_started(on_app_started)
