@@ -113,6 +113,8 @@ class ForgeServer(WebuiServer):
             str(self.ckpt.parent),
             "--lora-dir",
             str(self.lora_dir),
+            # with --data-dir, Forge's gradio serves files from the data dir only: its own page scripts need this
+            *(("--gradio-allowed-path", str(self.webui_dir)) if self.ui else ()),
             *self.extra_flags,
         ]
 
