@@ -1,5 +1,10 @@
 """What every host does with one generation, on the processing object ``p`` alone (no webui import), and the small
-interface a host's glue module offers (:class:`Host`: ``host_a1111``, ``host_forge``).
+interface a host's glue offers (:class:`Host`: ``hosts.a1111``, ``hosts.forge``, ``hosts.reforge``).
+
+One sampling pass is one sequence for every host (:func:`start_pass`): end what a previous pass left, give the text
+encoder back, resolve the composed LoRAs, refuse with a message or plan the pass's deltas, build the hooks, and let
+the host install them around its model call. The host answers only what is its own (where its LoRAs live, how they
+are merged, how its model is called, how to put things back).
 
 Per-generation state lives on ``p``: the effective args, the tags, the warnings, the pass.
 """
@@ -9,12 +14,19 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
+import torch
+
+from . import neighbours
 from .args import MERGE, MIXING, ArgsError, MultiLoraArgs, label_of
+from .engine import Delta, HookEngine, LowRankDelta, build_engine
+from .inner import MethodInner, runs_batched
 from .plan import composite_weights, select
+from .schedule import sampling_step
+from .spatial import Spatial
 from .tags import apply_tags, strip_malformed
 
 log = logging.getLogger("multilora")
@@ -22,6 +34,8 @@ log = logging.getLogger("multilora")
 #: Every infotext key this extension writes starts with this.
 INFOTEXT_PREFIX = "Multi-LoRA"
 WARNING_LABEL = "Multi-LoRA warning"
+#: The webui's model-type flags (``sd_models.set_model_type``, Forge's loaders) of the architectures the engine covers.
+SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
 
 
 @dataclass
@@ -35,18 +49,36 @@ class Resolved:
     counts: list[int]
 
 
+@dataclass
+class Plan:
+    """A host's answer for a pass: per UNet layer, each composed LoRA's delta (LoRA k = index k); whether the host's
+    merge of plain LoRAs is exact enough for a hook to subtract it again (not into fp8 weights); what to tell the
+    user."""
+
+    deltas: dict[torch.nn.Module, dict[int, Delta]]
+    exact_merge: bool
+    warnings: list[str] = field(default_factory=list)
+
+
 class Host(Protocol):
-    """What the entry script needs of a webui's glue. One sampling pass is ``start_pass`` (from
-    ``process_before_every_sampling``) ... ``finish_pass`` (idempotent, called from every callback that may come
-    last); the text-encoder policy applies before conds are computed and is undone when the pass starts."""
+    """What a webui's glue answers; the sequence around it is :func:`start_pass` and
+    :func:`apply_text_encoder_policy`. ``finish_pass`` is idempotent and called from every callback that may come
+    last."""
 
-    def resolve(self, p: Any) -> Resolved | None: ...
+    #: A LoRA written twice in the prompt is merged twice (A1111, reForge), not once (Forge).
+    merges_each_mention: bool
 
-    def apply_text_encoder_policy(self, p: Any) -> None: ...
+    def loaded_networks(self) -> list[Any]: ...
 
-    def restore_text_encoder(self, p: Any) -> None: ...
+    def device(self) -> torch.device: ...
 
-    def start_pass(self, p: Any) -> None: ...
+    def plan(self, p: Any, resolved: Resolved) -> Plan | str: ...
+
+    def mute_text_encoder(self, p: Any, muted: list[Any]) -> Any: ...
+
+    def unmute_text_encoder(self, p: Any, state: Any) -> None: ...
+
+    def install(self, p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, offset: int) -> None: ...
 
     def finish_pass(self, p: Any) -> None: ...
 
@@ -64,7 +96,7 @@ def close_generation(host: Host, p: Any) -> None:
     try:
         host.finish_pass(p)
     finally:
-        host.restore_text_encoder(p)
+        restore_text_encoder(p, host)
 
 
 def before_hires_conds(host: Host, p: Any) -> None:
@@ -72,13 +104,13 @@ def before_hires_conds(host: Host, p: Any) -> None:
     pass's setup, with "use the first pass's conds"): they get the text-encoder policy too, except when the hires pass
     runs merged (hires mode Off)."""
     try:
-        resolved = host.resolve(p)
+        resolved = resolve(p, host)
         if resolved is not None and resolved.args.hires == "Off":
-            host.restore_text_encoder(p)
+            restore_text_encoder(p, host)
         else:
-            host.apply_text_encoder_policy(p)
+            apply_text_encoder_policy(p, host)
     except Exception as e:  # never break the generation: plain conds, said out loud
-        host.restore_text_encoder(p)
+        restore_text_encoder(p, host)
         warn(p, f"internal error in the text-encoder policy for the hires pass, using All: {e!r}")
 
 
@@ -194,20 +226,138 @@ def effective_args(p: Any) -> MultiLoraArgs | None:
     return args
 
 
-def resolve(p: Any, loaded: list[Any]) -> Resolved | None:
-    """The effective args and, among the host's ``loaded`` LoRAs (objects with the built-in's ``name``,
+def resolve(p: Any, host: Host) -> Resolved | None:
+    """The effective args and, among the host's loaded LoRAs (objects with the built-in's ``name``,
     ``mentioned_name``, ``network_on_disk``), the composed ones; None when nothing is to be composed (disabled, or
-    bad input, which is reported)."""
+    bad input, which is reported). A LoRA written twice where the host merges it twice is composed at that many
+    times its weight, and the user is told."""
     args = effective_args(p)
     if args is None:
         return None
+    loaded = host.loaded_networks()
     selection = select([(prompt_name(n), network_names(n)) for n in loaded], args.lora_names)
     for w in selection.warnings:
         warn(p, w)
     if selection.error:
         warn(p, selection.error + "; running without Multi-LoRA")
         return None
-    return Resolved(args, loaded, [loaded[i] for i in selection.composed], selection.counts)
+    resolved = Resolved(args, loaded, [loaded[i] for i in selection.composed], selection.counts)
+    for net, count in zip(resolved.composed, resolved.counts, strict=True):
+        if count > 1 and host.merges_each_mention:
+            warn(
+                p,
+                f"{prompt_name(net)} appears {count} times in the prompt: the webui merges it {count} times, so it is "
+                f"composed as one LoRA at {count}x its weight",
+            )
+    return resolved
+
+
+def plan_pass(p: Any, host: Host, resolved: Resolved) -> Plan | str:
+    """The host's plan for this pass, or why it must run without Multi-LoRA: another extension's work it cannot
+    follow (:mod:`neighbours`), an architecture the engine does not cover, or the host's own reasons."""
+    return neighbours.refusal(p, resolved.args.method) or unsupported_model(p.sd_model) or host.plan(p, resolved)
+
+
+def unsupported_model(model: Any) -> str | None:
+    """Only SD1, SD2 and SDXL UNets are covered: other architectures have LoRA layers the hosts apply in ways the
+    engine does not (SD3's joint q/k/v projections), which would be neither switched nor taken out."""
+    if any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS):
+        return None
+    kind = "SD3" if getattr(model, "is_sd3", False) else type(model).__name__
+    return f"{kind} models are not supported (SD1, SD2 and SDXL are)"
+
+
+def start_pass(p: Any, host: Host) -> None:
+    """Install the chosen method for the sampling pass about to run (first pass or hires pass; from
+    ``process_before_every_sampling``, which Forge calls twice for a hires pass: the second install replaces the
+    first)."""
+    host.finish_pass(p)
+    restore_text_encoder(p, host)
+    resolved = resolve(p, host)
+    if resolved is None:
+        return
+    offset = pass_offset(p, resolved)
+    if offset is None:
+        return
+    plan = plan_pass(p, host, resolved)
+    if isinstance(plan, str):
+        warn(p, f"{plan}; running without Multi-LoRA")
+        return
+    for message in plan.warnings:
+        warn(p, message)
+    composed = resolved.composed
+    untouched = [prompt_name(n) for k, n in enumerate(composed) if not any(k in d for d in plan.deltas.values())]
+    if untouched:
+        warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
+    keep_merged = plan.exact_merge and all(
+        isinstance(d, LowRankDelta) for per_layer in plan.deltas.values() for d in per_layer.values()
+    )
+    spatial = resolved.args.method == "Spatial"
+    engine = build_engine(plan.deltas, len(composed), keep_merged, host.device().type == "cuda", base=spatial)
+    host.install(p, resolved, engine, keep_merged, offset)
+
+
+def method_inner(
+    p: Any,
+    resolved: Resolved,
+    engine: HookEngine,
+    inner: torch.nn.Module,
+    keep_merged: bool,
+    offset: int,
+    device: torch.device,
+    splits: bool = False,
+    spatial: Spatial | None = None,
+    conflict: Callable[[dict[str, Any]], str | None] | None = None,
+) -> MethodInner:
+    """The method around ``inner`` (the host's model call) for this pass, counting steps on the sampler's CFG
+    denoiser from ``offset``. A Batched Composite runs batched as the args say on ``device``, unless something
+    ``splits`` the batch inside the UNet; ``conflict``: why a call's batch may not be replicated (other extensions'
+    patches in the UNet)."""
+    args, n = resolved.args, len(resolved.composed)
+    denoiser = p.sampler.model_wrap_cfg
+    return MethodInner(
+        inner,
+        engine,
+        args.method,
+        n,
+        args.tau,
+        step=lambda: offset + sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
+        observer=getattr(p, "multilora_observer", None),  # set by the test probe
+        batched=runs_batched(args.execution, device) and not splits,
+        warn=lambda message: warn(p, message),
+        weights=pass_weights(p, args, n),
+        window=args.window,
+        steps=lambda: offset + (denoiser.steps or 0),
+        merged=merged_groups(n, keep_merged),
+        spatial=spatial,
+        conflict=conflict,
+    )
+
+
+def apply_text_encoder_policy(p: Any, host: Host) -> None:
+    """Before conds are computed: the text encoder without the composed LoRAs the policy leaves out (the host mutes
+    them) and conds cached in lists of this generation's own (the webui caches conds by prompt and network params,
+    not by text-encoder weights, in lists every generation shares). Not for a pass that will be refused: that one
+    runs as a plain generation, text encoder included."""
+    if "multilora_muted_te" in vars(p):
+        return
+    resolved = resolve(p, host)
+    if resolved is None or resolved.args.text_encoder == "All" or isinstance(plan_pass(p, host, resolved), str):
+        return
+    keep = resolved.composed[:1] if resolved.args.text_encoder == "First" else []
+    muted = [n for n in resolved.composed if all(n is not k for k in keep)]
+    p.multilora_muted_te = host.mute_text_encoder(p, muted)
+    p.cached_c, p.cached_uc = [None, None], [None, None]
+    if hasattr(p, "cached_hr_c"):
+        p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
+
+
+def restore_text_encoder(p: Any, host: Host) -> None:
+    """Undo :func:`apply_text_encoder_policy`: the host gives the muted LoRAs back and merges them into the text
+    encoder again, as a plain generation leaves it."""
+    state = vars(p).pop("multilora_muted_te", None)
+    if state is not None:
+        host.unmute_text_encoder(p, state)
 
 
 def prompt_name(net: Any) -> str:

@@ -1,10 +1,8 @@
-"""Glue every webui this extension runs on shares (A1111 1.10 and Forge keep the same ``modules.extra_networks`` and
-script API): which host this is, and the ``<multilora:...>`` tag as an extra network."""
+"""Glue every webui this extension runs on shares (A1111 1.10, Forge and reForge keep the same
+``modules.extra_networks`` and script API): the ``<multilora:...>`` tag as an extra network."""
 
 from __future__ import annotations
 
-import importlib.util
-from types import ModuleType
 from typing import Any
 
 from .tags import TAG_NAME
@@ -13,20 +11,6 @@ from .tags import TAG_NAME
 #: A pass that sees it move knows the host reloaded its LoRAs meanwhile, even when the new list looks like the one
 #: the pass left (A1111 loading a refiner checkpoint mid-sampling clears it: ``sd_models.get_empty_cond``).
 activations = 0
-
-
-def host_module() -> ModuleType | str:
-    """The host glue for the running webui (Forge has ``modules_forge``; A1111 has ``modules`` and its built-in Lora
-    extension's ``networks``), or why none fits."""
-    if importlib.util.find_spec("modules_forge") is not None:
-        from . import host_forge
-
-        return host_forge
-    if importlib.util.find_spec("modules") is not None and importlib.util.find_spec("networks") is not None:
-        from . import host_a1111
-
-        return host_a1111
-    return "this webui is neither AUTOMATIC1111 1.10 (with its built-in Lora extension) nor Forge"
 
 
 def tag_network() -> Any:

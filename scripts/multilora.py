@@ -1,8 +1,8 @@
 """Entry script: an always-on panel that runs LoRA Switch or LoRA Composite (Zhong et al., 2024) per sampling pass.
 
-Thin on purpose: the method lives in ``lib_multilora``; this file connects the webui's callbacks to the host glue of
-the running webui (``host_a1111`` or ``host_forge``, found by :func:`webui.host_module`). On any other webui the
-panel says why it is off and every generation runs as without the extension.
+Thin on purpose: the method lives in ``lib_multilora``; this file connects the webui's callbacks to the pass sequence
+(:mod:`lib_multilora.generation`) over the running webui's glue (found by :func:`hosts.detect`). On any other webui
+the panel says why it is off and every generation runs as without the extension.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from modules import script_callbacks, scripts
 
-from lib_multilora import generation, webui, xyz
+from lib_multilora import generation, hosts, webui, xyz
 from lib_multilora.ui import build_panel, on_ui_settings, show_in_img2img
 
-HOST = webui.host_module()
+HOST = hosts.detect()
 UNAVAILABLE = HOST if isinstance(HOST, str) else None
 
 
@@ -48,16 +48,16 @@ class MultiLoraScript(scripts.Script):
         if UNAVAILABLE is not None:
             return
         try:
-            HOST.apply_text_encoder_policy(p)
+            generation.apply_text_encoder_policy(p, HOST)
         except Exception as e:
-            HOST.restore_text_encoder(p)
+            generation.restore_text_encoder(p, HOST)
             generation.warn(p, f"internal error in the text-encoder policy, using All: {e!r}")
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         if UNAVAILABLE is not None:
             return
         try:
-            HOST.start_pass(p)
+            generation.start_pass(p, HOST)
         except Exception as e:  # never break the generation: undo and say so
             HOST.finish_pass(p)
             generation.warn(p, f"internal error, running without Multi-LoRA: {e!r}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lib_multilora.host_forge import batch_conflict, owner, stacked_cond_rows, unet_patches
+from lib_multilora.hosts.patcher import batch_conflict, owner, stacked_cond_rows, unet_patches
 from lib_multilora.spatial import chunk_cond_rows
 
 

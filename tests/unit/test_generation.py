@@ -8,6 +8,7 @@ import copy
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lib_multilora import generation
 
@@ -77,23 +78,39 @@ def test_unwrap_restores_the_method_and_ignores_other_wrappers() -> None:
     assert "close" not in vars(p)
 
 
-class RecordingHost:
-    """A :class:`generation.Host` that records the calls ``p.close`` makes."""
+def lora(name: str) -> SimpleNamespace:
+    """A loaded LoRA as the hosts' built-in Lora extensions list it."""
+    return SimpleNamespace(name=name, mentioned_name=name, network_on_disk=SimpleNamespace(name=name, alias=name))
 
-    def __init__(self) -> None:
+
+class RecordingHost:
+    """A :class:`generation.Host` that records what the pass sequence asks of it."""
+
+    merges_each_mention = True
+
+    def __init__(self, loaded: list[SimpleNamespace] | None = None, refusal: str | None = None) -> None:
+        self.loaded, self.refusal = loaded or [], refusal
         self.calls: list[str] = []
 
-    def resolve(self, p: object) -> None:
-        return None
+    def loaded_networks(self) -> list[SimpleNamespace]:
+        return self.loaded
 
-    def apply_text_encoder_policy(self, p: object) -> None:
-        self.calls.append("policy")
+    def device(self) -> torch.device:
+        return torch.device("cpu")
 
-    def restore_text_encoder(self, p: object) -> None:
-        self.calls.append("restore")
+    def plan(self, p: object, resolved: generation.Resolved) -> generation.Plan | str:
+        self.calls.append("plan")
+        return self.refusal or generation.Plan({}, exact_merge=True, warnings=["the host says hi"])
 
-    def start_pass(self, p: object) -> None:
-        self.calls.append("start")
+    def mute_text_encoder(self, p: object, muted: list[SimpleNamespace]) -> str:
+        self.calls.append("mute " + ",".join(n.name for n in muted))
+        return "muted state"
+
+    def unmute_text_encoder(self, p: object, state: str) -> None:
+        self.calls.append(f"unmute {state}")
+
+    def install(self, p: object, resolved: generation.Resolved, engine: object, keep_merged: bool, offset: int) -> None:
+        self.calls.append(f"install {[n.name for n in resolved.composed]} keep_merged={keep_merged} offset={offset}")
 
     def finish_pass(self, p: object) -> None:
         self.calls.append("finish")
@@ -106,22 +123,78 @@ class Generation(Processing):
         super().__init__(log)
         self.extra_generation_params = {"Multi-LoRA method": "Switch", "Steps": 8}
         self.comments: list[str] = []
+        self.sd_model = SimpleNamespace(is_sd1=True)
 
     def comment(self, text: str) -> None:
         self.comments.append(text)
 
 
 def test_begin_wraps_close_drops_stale_infotext_and_reads_the_args() -> None:
-    host = RecordingHost()
+    host = RecordingHost([lora("alpha"), lora("beta")])
     p = Generation([])
-    generation.begin(p, ({"enabled": True, "method": "Composite"},), host)
+    generation.begin(p, ({"enabled": True, "method": "Composite", "text_encoder": "First"},), host)
     assert host.calls == ["finish"], "a pass left over on this p is ended first"
     assert p.extra_generation_params == {"Steps": 8}, "an earlier X/Y/Z cell's keys are gone"
     assert (p.multilora_args.enabled, p.multilora_args.method) == (True, "Composite")
-    p.close()
-    assert host.calls == ["finish", "finish", "restore"] and p.log == [("close", id(p))]
     p.calculate_hr_conds()
-    assert host.calls[-1] == "policy", "the hires conds get the text-encoder policy"
+    assert host.calls[-2:] == ["plan", "mute beta"], "the hires conds get the text-encoder policy (not refused)"
+    p.close()
+    assert host.calls[-2:] == ["finish", "unmute muted state"] and p.log[-1] == ("close", id(p))
+    p.close()
+    assert host.calls[-1] == "finish", "nothing is unmuted twice"
+
+
+def test_a_pass_ends_the_last_one_gives_the_text_encoder_back_then_plans_and_installs() -> None:
+    host = RecordingHost([lora("alpha"), lora("beta"), lora("gamma")])
+    p = Generation([])
+    generation.begin(p, ({"enabled": True, "method": "Switch", "loras": "gamma, alpha", "text_encoder": "None"},), host)
+    generation.apply_text_encoder_policy(p, host)
+    assert host.calls[-1] == "mute alpha,gamma"
+    p.is_hr_pass = False
+    generation.start_pass(p, host)
+    assert host.calls[-4:] == [
+        "finish",
+        "unmute muted state",
+        "plan",
+        "install ['alpha', 'gamma'] keep_merged=True offset=0",
+    ]
+    assert "the host says hi" in p.extra_generation_params[generation.WARNING_LABEL]
+    assert "alpha, gamma touch no UNet layer" in p.extra_generation_params[generation.WARNING_LABEL]
+
+
+def test_a_refused_pass_installs_nothing_and_says_why() -> None:
+    host = RecordingHost([lora("alpha"), lora("beta")], refusal="the UNet is elsewhere")
+    p = Generation([])
+    generation.begin(p, ({"enabled": True, "method": "Composite", "text_encoder": "None"},), host)
+    generation.apply_text_encoder_policy(p, host)
+    assert not any(call.startswith("mute") for call in host.calls), "a refused pass keeps the text encoder whole"
+    p.is_hr_pass = False
+    generation.start_pass(p, host)
+    assert not any(call.startswith("install") for call in host.calls)
+    assert "the UNet is elsewhere; running without Multi-LoRA" in p.extra_generation_params[generation.WARNING_LABEL]
+
+
+@pytest.mark.parametrize("merges_each_mention", [True, False])
+def test_a_lora_written_twice_is_said_only_where_the_host_merges_it_twice(merges_each_mention: bool) -> None:
+    host = RecordingHost([lora("alpha"), lora("alpha"), lora("beta")])
+    host.merges_each_mention = merges_each_mention
+    p = Generation([])
+    generation.begin(p, ({"enabled": True, "method": "Composite"},), host)
+    resolved = generation.resolve(p, host)
+    assert resolved is not None and [n.name for n in resolved.composed] == ["alpha", "beta"]
+    said = "alpha appears 2 times" in p.extra_generation_params.get(generation.WARNING_LABEL, "")
+    assert said is merges_each_mention
+
+
+def test_an_unsupported_architecture_is_refused_by_name() -> None:
+    host = RecordingHost([lora("alpha"), lora("beta")])
+    p = Generation([])
+    p.sd_model = SimpleNamespace(is_sd3=True)
+    generation.begin(p, ({"enabled": True, "method": "Composite"},), host)
+    p.is_hr_pass = False
+    generation.start_pass(p, host)
+    assert "plan" not in host.calls
+    assert "SD3 models are not supported" in p.extra_generation_params[generation.WARNING_LABEL]
 
 
 def test_bad_args_warn_once_in_the_infotext() -> None:
@@ -139,7 +212,7 @@ def test_loras_are_named_as_the_prompt_writes_them_whatever_another_extension_re
     generation.begin(p, ({"enabled": True, "method": "Composite", "loras": "alpha"},), RecordingHost())
     disk = SimpleNamespace(name="alpha", alias="alpha")
     renamed = SimpleNamespace(name="alpha_in_LBW_0.123", mentioned_name="alpha", network_on_disk=disk)
-    resolved = generation.resolve(p, [renamed])
+    resolved = generation.resolve(p, RecordingHost([renamed]))
     assert resolved is not None and resolved.composed == [renamed]
     assert generation.prompt_name(renamed) == "alpha"
     assert "only one LoRA (alpha)" in p.extra_generation_params[generation.WARNING_LABEL]

@@ -1,7 +1,8 @@
-"""Host glue for AUTOMATIC1111 webui 1.10.x (:class:`generation.Host`; Forge's is ``host_forge``): the only module
-that touches A1111's sampling and Lora internals.
+"""Host glue for AUTOMATIC1111 webui 1.10.x (this module is its :class:`generation.Host`): the only module that
+touches A1111's sampling and Lora internals.
 
-One sampling pass = ``start_pass`` (called from ``process_before_every_sampling``) ... ``finish_pass``. Start hooks
+One sampling pass = :func:`generation.start_pass` (called from ``process_before_every_sampling``) ... ``finish_pass``.
+The pass hooks
 the UNet layers the composed LoRAs touch and swaps the CFG denoiser's inner model for :class:`MethodInner`. Plain
 LoRAs stay merged in the weights, as the webui keeps them, and each LoRA's hooks subtract the other composed ones;
 other types are taken out of the built-in ``networks.loaded_networks`` for the pass (in place: clean weights are
@@ -20,18 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import generation, neighbours, webui
-from .args import MIXING, MultiLoraArgs
-from .engine import Delta, DenseDelta, HookEngine, LowRankDelta, build_engine
-from .generation import Resolved, prompt_name, report_unscheduled, unwrap_method, warn, wrap_method
-from .inner import MethodInner, runs_batched
-from .schedule import sampling_step
-from .spatial import Spatial, StackedCondRows
+from .. import generation, neighbours, webui
+from ..args import MIXING, MultiLoraArgs
+from ..engine import Delta, DenseDelta, HookEngine, LowRankDelta
+from ..generation import Plan, Resolved, prompt_name, report_unscheduled, unwrap_method, warn, wrap_method
+from ..inner import MethodInner, runs_batched
+from ..spatial import Spatial, StackedCondRows
 
 #: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
 UNET_PREFIX = "diffusion_model"
-#: The webui's model-type flags (``sd_models.set_model_type``) of the architectures the engine covers.
-SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
+#: The webui merges a LoRA once per mention in the prompt.
+merges_each_mention = True
 
 
 def builtin_networks() -> Any:
@@ -57,96 +57,49 @@ class Pass:
     activations: int  # the webui's extra-network activations when the pass began (webui.activations)
 
 
-def resolve(p: Any) -> Resolved | None:
-    """The composed LoRAs among the built-in's ``loaded_networks`` (see :func:`generation.resolve`). A LoRA written
-    twice is loaded twice and merged twice: it is composed at that many times its weight, and the user is told."""
-    resolved = generation.resolve(p, list(builtin_networks().loaded_networks))
-    for net, count in zip(resolved.composed, resolved.counts, strict=True) if resolved else ():
-        if count > 1:
-            warn(
-                p,
-                f"{prompt_name(net)} appears {count} times in the prompt: the webui merges it {count} times, so it is "
-                f"composed as one LoRA at {count}x its weight",
-            )
-    return resolved
+def loaded_networks() -> list[Any]:
+    """The built-in's ``loaded_networks`` (one entry per mention: a LoRA written twice is loaded and merged twice)."""
+    return list(builtin_networks().loaded_networks)
 
 
-def plan_pass(p: Any, resolved: Resolved) -> tuple[dict[nn.Module, dict[int, Delta]], dict[str, int]] | str:
-    """The pass's per-layer deltas and misfit counts (:func:`collect_deltas`), or why the pass must be refused."""
-    refusal = neighbours.refusal(p, resolved.args.method) or host_conflict() or unsupported_model(p.sd_model)
+def plan(p: Any, resolved: Resolved) -> Plan | str:
+    """The pass's per-layer deltas (:func:`collect_deltas`), with a warning per LoRA whose layers do not fit this
+    model, or why the pass must be refused."""
+    refusal = host_conflict()
     if refusal:
         return refusal
     try:
         if not hasattr(p.sd_model, "network_layer_mapping"):
             builtin_networks().assign_network_names_to_compvis_modules(p.sd_model)
-        return collect_deltas(resolved.composed, resolved.counts, p.sd_model.network_layer_mapping)
+        deltas, misfits = collect_deltas(resolved.composed, resolved.counts, p.sd_model.network_layer_mapping)
     except Exception as e:  # a LoRA type we cannot express: plain behaviour, said out loud
         return f"cannot apply {', '.join(map(prompt_name, resolved.composed))} per pass ({e})"
+    warnings = [
+        f"{name}: {count} UNet layer(s) do not fit this model (another base model, or a type the built-in cannot "
+        "compute); left out, as Merge does"
+        for name, count in misfits.items()
+    ]
+    # fp8 weights round every merge: a complement subtracted in a hook would not cancel what the merge rounded in
+    return Plan(deltas, exact_merge=not fp8_weights(), warnings=warnings)
 
 
-def apply_text_encoder_policy(p: Any) -> None:
-    """Before conds are computed: take composed LoRAs out of the text encoder as the policy says (their text encoder
-    multiplier set to 0 until sampling starts) and make this generation compute, and cache, its own conds. Not for a
-    pass that will be refused: that one runs as a plain generation, text encoder included."""
-    if "multilora_muted_te" in vars(p):
-        return
-    resolved = resolve(p)
-    if resolved is None or resolved.args.text_encoder == "All" or isinstance(plan_pass(p, resolved), str):
-        return
-    keep = resolved.composed[:1] if resolved.args.text_encoder == "First" else []
-    muted = [(net, net.te_multiplier) for net in resolved.composed if all(net is not k for k in keep)]
-    for net, _ in muted:
+def mute_text_encoder(p: Any, muted: list[Any]) -> list[tuple[Any, float]]:
+    """Take the muted LoRAs out of the text encoder: their text encoder multiplier is 0 until sampling starts (the
+    built-in merges the text encoder's layers with it on their next forward)."""
+    state = [(net, net.te_multiplier) for net in muted]
+    for net in muted:
         net.te_multiplier = 0.0
-    p.multilora_muted_te = muted
-    # The webui caches conds by prompt and network params, not by text-encoder weights, in lists shared by every
-    # generation (class attributes): this generation gets lists of its own.
-    p.cached_c, p.cached_uc = [None, None], [None, None]
-    if hasattr(p, "cached_hr_c"):
-        p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
+    return state
 
 
-def restore_text_encoder(p: Any) -> None:
+def unmute_text_encoder(p: Any, state: list[tuple[Any, float]]) -> None:
     """Give the muted LoRAs their text encoder multiplier back and merge it into the text encoder right away, as a
     plain generation leaves it (the UNet's layers are merged on their next forward)."""
-    muted = vars(p).pop("multilora_muted_te", [])
-    for net, multiplier in muted:
+    for net, multiplier in state:
         net.te_multiplier = multiplier
-    if muted:
+    if state:
         mapping = getattr(p.sd_model, "network_layer_mapping", {})
         remerge(builtin_networks(), (m for name, m in mapping.items() if not name.startswith(UNET_PREFIX)))
-
-
-def start_pass(p: Any) -> None:
-    """Install the chosen method for the sampling pass about to run (first pass or hires pass)."""
-    finish_pass(p)
-    restore_text_encoder(p)
-    resolved = resolve(p)
-    if resolved is None:
-        return
-    offset = generation.pass_offset(p, resolved)
-    if offset is None:
-        return
-    planned = plan_pass(p, resolved)
-    if isinstance(planned, str):
-        warn(p, f"{planned}; running without Multi-LoRA")
-        return
-    deltas, misfits = planned
-    for name, count in misfits.items():
-        warn(
-            p,
-            f"{name}: {count} UNet layer(s) do not fit this model (another base model, or a type the built-in cannot "
-            "compute); left out, as Merge does",
-        )
-    untouched = [prompt_name(n) for k, n in enumerate(resolved.composed) if not any(k in d for d in deltas.values())]
-    if untouched:
-        warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
-    # fp8 weights round every merge: a complement subtracted in a hook would not cancel what the merge rounded in
-    keep_merged = not fp8_weights() and all(
-        isinstance(d, LowRankDelta) for per_layer in deltas.values() for d in per_layer.values()
-    )
-    spatial = resolved.args.method == "Spatial"
-    engine = build_engine(deltas, len(resolved.composed), keep_merged, webui_device().type == "cuda", base=spatial)
-    install(p, resolved, engine, keep_merged, offset)
 
 
 def spatial_settings(p: Any, args: MultiLoraArgs) -> Spatial | None:
@@ -185,7 +138,7 @@ def current_model() -> Any:
     return shared.sd_model
 
 
-def webui_device() -> torch.device:
+def device() -> torch.device:
     """The device the webui runs the model on."""
     from modules import devices
 
@@ -204,7 +157,7 @@ def splits_batch(p: Any, args: MultiLoraArgs) -> bool:
         getattr(p, "is_hr_pass", False) and getattr(opts, "hypertile_enable_unet_secondpass", False)
     )
     splitter = "Hypertile U-Net splits the batch inside the UNet" if hypertile else neighbours.splits_batch(p)
-    if splitter and args.method in MIXING and runs_batched(args.execution, webui_device()):
+    if splitter and args.method in MIXING and runs_batched(args.execution, device()):
         warn(p, f"{splitter}; running Composite sequentially")
     return splitter is not None
 
@@ -240,15 +193,6 @@ def class_forward(layer: type[nn.Module]) -> Any:
     if getattr(forward, "__module__", None) == "modules.devices" and hasattr(layer, "org_forward"):
         return layer.org_forward
     return forward
-
-
-def unsupported_model(model: Any) -> str | None:
-    """Only SD1, SD2 and SDXL UNets are covered: other architectures have LoRA layers the built-in applies in ways
-    the engine does not (SD3's joint q/k/v projections), which would be neither switched nor taken out."""
-    if any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS):
-        return None
-    kind = "SD3" if getattr(model, "is_sd3", False) else type(model).__name__
-    return f"{kind} models are not supported (SD1, SD2 and SDXL are)"
 
 
 def collect_deltas(
@@ -360,33 +304,29 @@ def _low_rank(net_module: Any, dyn: bool) -> tuple[torch.Tensor, torch.Tensor, f
     return down, up, float(net_module.multiplier() * net_module.calc_scale())
 
 
-def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, step_offset: int) -> None:
-    args, loaded, composed = resolved.args, resolved.loaded, resolved.composed
+def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, offset: int) -> None:
+    """Swap the CFG denoiser's inner model for the method and hook the layers; plain LoRAs stay merged, other types
+    are taken out of the built-in's list for the pass."""
+    loaded, composed = resolved.loaded, resolved.composed
     static = None if keep_merged else [n for n in loaded if all(n is not c for c in composed)]
-    weights = generation.pass_weights(p, args, len(composed))
     denoiser = p.sampler.model_wrap_cfg
     original_inner = denoiser.inner_model
-    wrapper = MethodInner(
-        original_inner,
+    wrapper = generation.method_inner(
+        p,
+        resolved,
         engine,
-        args.method,
-        len(composed),
-        args.tau,
-        step=lambda: step_offset + sampling_step(denoiser.step, denoiser.total_steps, denoiser.steps),
-        observer=getattr(p, "multilora_observer", None),  # set by the test probe
-        batched=runs_batched(args.execution, webui_device()) and not splits_batch(p, args),
-        warn=lambda message: warn(p, message),
-        weights=weights,
-        window=args.window,
-        steps=lambda: step_offset + (denoiser.steps or 0),
-        merged=generation.merged_groups(len(composed), keep_merged),
-        spatial=spatial_settings(p, args),
+        original_inner,
+        keep_merged,
+        offset,
+        device(),
+        splits=splits_batch(p, resolved.args),
+        spatial=spatial_settings(p, resolved.args),
     )
     names = [prompt_name(n) for n in composed]
     p.multilora_pass = Pass(
         engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names, webui.activations
     )
-    p.extra_generation_params.update(args.infotext(names))
+    p.extra_generation_params.update(resolved.args.infotext(names))
     if static is not None:
         builtin_networks().loaded_networks[:] = static
     denoiser.model_wrap = wrapper

@@ -1,0 +1,98 @@
+"""How reForge's LoRA patches are told apart by LoRA (``hosts.reforge``): its built-in applies each LoRA on a clone
+of the previous patchers and names the files only in ``current_lora_hash``. Plain stand-ins for the patchers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lib_multilora.hosts import reforge
+
+
+def clone(parent: SimpleNamespace, added: dict[str, list[tuple]]) -> SimpleNamespace:
+    """As ``load_lora_for_models``: the lists copied, the LoRA's entries appended."""
+    patches = {key: entries[:] for key, entries in parent.patches.items()}
+    for key, entries in added.items():
+        patches.setdefault(key, []).extend(entries)
+    return SimpleNamespace(patches=patches, parent=parent)
+
+
+def model_with(loras: list[tuple[str, float, float]]) -> SimpleNamespace:
+    """A model whose built-in applied ``loras`` ([file, unet strength, te strength]); a LoRA with both strengths 0
+    gets no clone, as in reForge."""
+    unet0, clip0 = SimpleNamespace(patches={}, parent=None), SimpleNamespace(patches={}, parent=None)
+    unet, clip = unet0, clip0
+    for file, u, t in loras:
+        if u == 0 and t == 0:
+            continue
+        unet = clone(unet, {"diffusion_model.a.weight": [(u, file)], f"diffusion_model.{file}.weight": [(u, file)]})
+        clip = clone(clip, {"clip_l.a.weight": [(t, file)]})
+    objects = SimpleNamespace(unet=unet, clip=SimpleNamespace(patcher=clip))
+    original = SimpleNamespace(unet=unet0, clip=SimpleNamespace(patcher=clip0))
+    return SimpleNamespace(
+        current_lora_hash=str([list(x) for x in loras]),
+        forge_objects=objects,
+        forge_objects_after_applying_lora=objects,
+        forge_objects_original=original,
+    )
+
+
+def net(file: str) -> SimpleNamespace:
+    return SimpleNamespace(network_on_disk=SimpleNamespace(filename=file))
+
+
+def test_each_lora_gets_the_entries_its_clone_added_in_unet_and_text_encoder() -> None:
+    model = model_with([("A.safetensors", 1.0, 1.0), ("Z.safetensors", 0, 0), ("B.safetensors", 0.5, 0.0)])
+    p = SimpleNamespace(sd_model=model)
+    host = reforge.ReforgeHost()
+    unet = model.forge_objects.unet
+    a = host.entries(p, unet, [net("A.safetensors")])
+    assert a == {
+        "diffusion_model.a.weight": [(1.0, "A.safetensors")],
+        "diffusion_model.A.safetensors.weight": [(1.0, "A.safetensors")],
+    }
+    assert host.entries(p, model.forge_objects.clip.patcher, [net("B.safetensors")]) == {
+        "clip_l.a.weight": [(0.0, "B.safetensors")]
+    }
+    assert host.entries(p, unet, [net("Z.safetensors")]) == {}
+
+
+def test_a_lora_written_twice_is_both_of_its_applications() -> None:
+    model = model_with([("A.safetensors", 1.0, 1.0), ("A.safetensors", 0.5, 1.0)])
+    p = SimpleNamespace(sd_model=model)
+    entries = reforge.ReforgeHost().entries(p, model.forge_objects.unet, [net("A.safetensors")])
+    assert entries["diffusion_model.a.weight"] == [(1.0, "A.safetensors"), (0.5, "A.safetensors")]
+
+
+def test_strip_leaves_the_others_and_a_new_uuid_on_a_clone_only() -> None:
+    model = model_with([("A.safetensors", 1.0, 1.0), ("B.safetensors", 1.0, 1.0)])
+    p = SimpleNamespace(sd_model=model)
+    unet = model.forge_objects.unet
+    ours = SimpleNamespace(patches={k: v[:] for k, v in unet.patches.items()}, patches_uuid="same")
+    reforge.ReforgeHost().strip(p, ours, [net("A.safetensors")])
+    assert ours.patches == {
+        "diffusion_model.a.weight": [(1.0, "B.safetensors")],
+        "diffusion_model.B.safetensors.weight": [(1.0, "B.safetensors")],
+    }
+    assert ours.patches_uuid != "same"
+    assert len(unet.patches["diffusion_model.a.weight"]) == 2, "the patcher it was cloned from keeps everything"
+
+
+def test_patchers_that_do_not_match_the_applied_list_are_refused() -> None:
+    model = model_with([("A.safetensors", 1.0, 1.0)])
+    model.current_lora_hash = str([["A.safetensors", 1.0, 1.0], ["B.safetensors", 1.0, 1.0]])
+    assert reforge.applied_entries(model) is None
+    model.forge_objects_after_applying_lora.unet = SimpleNamespace(patches={}, parent=None)  # rebuilt elsewhere
+    assert reforge.applied_entries(model) is None
+
+
+def test_entries_rewritten_after_loading_are_refused() -> None:
+    """LoRA Block Weight rewrites the last patcher's entries with new strengths (``lbwrf``): no entry can be traced
+    to its LoRA any more."""
+    model = model_with([("A.safetensors", 1.0, 1.0), ("B.safetensors", 1.0, 1.0)])
+    p = SimpleNamespace(sd_model=model)
+    unet = model.forge_objects.unet
+    host = reforge.ReforgeHost()
+    unet.model = SimpleNamespace()
+    assert host.refusal(p, unet) is None
+    unet.patches = {key: [(0.5 * e[0], *e[1:]) for e in entries] for key, entries in unet.patches.items()}
+    assert "cannot be told apart by LoRA" in host.refusal(p, unet)
