@@ -7,8 +7,9 @@ A patcher's ``patches`` maps a parameter key (``diffusion_model.<ldm path>.weigh
 names its file: the built-in Lora extension applies the prompt's LoRAs one by one, each on a clone of the previous
 UNet and CLIP patchers (``.parent``), from ``forge_objects_original`` to ``forge_objects_after_applying_lora``, and
 writes the list it applied, ``[[file, unet strength, te strength], ...]``, as ``sd_model.current_lora_hash``
-(``extensions-builtin/Lora/networks.py``). So a LoRA's entries are the ones its clone added, known by identity: the
-lists are copied from clone to clone, the entries are not. A LoRA written twice is applied twice.
+(``extensions-builtin/Lora/networks.py``). So a LoRA's entries are the ones its clone added, known by their adapter's
+identity: the lists are copied from clone to clone, the adapters are not, and one who rewrites an entry's strength
+(LoRA Block Weight's ``lbw=``) keeps its adapter. A LoRA written twice is applied twice.
 
 Weights are merged when sampling is prepared (``model_management.load_models_gpu`` → ``ModelPatcher.partially_load``),
 again only when the patcher's ``patches_uuid`` differs from the one merged: a clone whose patches are filtered gets a
@@ -18,12 +19,12 @@ new one, and loading the original again merges everything back.
 from __future__ import annotations
 
 import ast
-import operator
 import uuid
 from typing import Any
 
 import torch
 
+from .. import neighbours
 from .patcher import Entries, PatcherHost
 
 
@@ -34,14 +35,16 @@ class ReforgeHost(PatcherHost):
 
     def refusal(self, p: Any, patcher: Any) -> str | None:
         """Scaled fp8 checkpoints (their weights are read through a conversion the merge applies, the hooks do not),
-        and LoRA patches that cannot be told apart by LoRA (another extension rebuilt the patchers)."""
+        and LoRA patches that cannot be told apart by LoRA (another extension dropped or replaced entries: LoRA Block
+        Weight's ``lbw=`` keeps only plain LoRA entries)."""
         if getattr(getattr(patcher.model, "model_config", None), "scaled_fp8", None) is not None:
             return "scaled fp8 checkpoints cannot be composed yet"
         model = p.sd_model
         if applied_entries(model) is None or not extends(model.forge_objects_after_applying_lora.unet, patcher):
+            changer = f"{neighbours.LBW}'s block weights" if neighbours.lbw_active(p) else "another extension"
             return (
-                "the UNet's LoRA patches were changed after the built-in applied them (by another extension?): they "
-                "cannot be told apart by LoRA"
+                f"the UNet's LoRA patches were replaced after the built-in applied them ({changer}): they cannot be "
+                "told apart by LoRA"
             )
         return None
 
@@ -50,13 +53,13 @@ class ReforgeHost(PatcherHost):
 
     def entries(self, p: Any, patcher: Any, nets: list[Any]) -> dict[str, Entries]:
         ids = entry_ids(p, nets)
-        found = {key: [e for e in entries if id(e) in ids] for key, entries in patcher.patches.items()}
+        found = {key: [e for e in entries if id(e[1]) in ids] for key, entries in patcher.patches.items()}
         return {key: entries for key, entries in found.items() if entries}
 
     def strip(self, p: Any, patcher: Any, nets: list[Any]) -> None:
         """The nets' entries out of ``patcher``, and a new ``patches_uuid``, so that its next load merges again."""
         ids = entry_ids(p, nets)
-        kept = {key: [e for e in entries if id(e) not in ids] for key, entries in patcher.patches.items()}
+        kept = {key: [e for e in entries if id(e[1]) not in ids] for key, entries in patcher.patches.items()}
         patcher.patches = {key: entries for key, entries in kept.items() if entries}
         patcher.patches_uuid = uuid.uuid4()
 
@@ -81,14 +84,15 @@ class ReforgeHost(PatcherHost):
 
 
 def entry_ids(p: Any, nets: list[Any]) -> set[int]:
-    """The ids of the patch entries (UNet and text encoder) the built-in added for the files of ``nets``."""
+    """The ids of the adapters of the patch entries (UNet and text encoder) the built-in added for the files of
+    ``nets``."""
     files = {n.network_on_disk.filename for n in nets}
     return {i for file, ids in applied_entries(p.sd_model) or () if file in files for i in ids}
 
 
 def applied_entries(model: Any) -> list[tuple[str, set[int]]] | None:
-    """Per LoRA the built-in applied (``current_lora_hash``, in order), its file and the ids of the entries its
-    clones added to the UNet and CLIP patchers; None when the patcher chains do not match that list."""
+    """Per LoRA the built-in applied (``current_lora_hash``, in order), its file and the ids of the adapters of the
+    entries its clones added to the UNet and CLIP patchers; None when the patcher chains do not match that list."""
     try:
         applied = ast.literal_eval(getattr(model, "current_lora_hash", None) or "[]")
     except (ValueError, SyntaxError):
@@ -114,16 +118,17 @@ def chain(top: Any, base: Any) -> list[Any] | None:
 
 
 def extends(before: Any, after: Any) -> bool:
-    """Whether every patch list of ``after`` starts with ``before``'s entries, the same objects in the same order:
-    clones that only appended (an extension that rewrote the entries, as LoRA Block Weight does, breaks it)."""
+    """Whether every patch list of ``after`` starts with ``before``'s entries: the same adapters in the same order
+    (their strengths may differ). Clones only append; an extension that dropped or replaced entries breaks it."""
     return all(
-        len(after.patches.get(key, ())) >= len(entries) and all(map(operator.is_, entries, after.patches[key]))
+        len(after.patches.get(key, ())) >= len(entries)
+        and all(a[1] is b[1] for a, b in zip(entries, after.patches[key], strict=False))
         for key, entries in before.patches.items()
     )
 
 
 def added(before: Any, after: Any) -> set[int]:
-    """The ids of the entries ``after`` (a clone of ``before``) appended to its patch lists."""
+    """The ids of the adapters of the entries ``after`` (a clone of ``before``) appended to its patch lists."""
     return {
-        id(entry) for key, entries in after.patches.items() for entry in entries[len(before.patches.get(key, ())) :]
+        id(entry[1]) for key, entries in after.patches.items() for entry in entries[len(before.patches.get(key, ())) :]
     }

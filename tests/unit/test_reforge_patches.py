@@ -16,6 +16,16 @@ def clone(parent: SimpleNamespace, added: dict[str, list[tuple]]) -> SimpleNames
     return SimpleNamespace(patches=patches, parent=parent)
 
 
+def adapter(file: str) -> SimpleNamespace:
+    """A new adapter, as ``load_lora`` makes one per key for each LoRA it applies."""
+    return SimpleNamespace(file=file)
+
+
+def strengths(entries: dict[str, list[tuple]]) -> dict[str, list[tuple[float, str]]]:
+    """Each entry as (strength, its adapter's file)."""
+    return {key: [(e[0], e[1].file) for e in found] for key, found in entries.items()}
+
+
 def model_with(loras: list[tuple[str, float, float]]) -> SimpleNamespace:
     """A model whose built-in applied ``loras`` ([file, unet strength, te strength]); a LoRA with both strengths 0
     gets no clone, as in reForge."""
@@ -24,8 +34,11 @@ def model_with(loras: list[tuple[str, float, float]]) -> SimpleNamespace:
     for file, u, t in loras:
         if u == 0 and t == 0:
             continue
-        unet = clone(unet, {"diffusion_model.a.weight": [(u, file)], f"diffusion_model.{file}.weight": [(u, file)]})
-        clip = clone(clip, {"clip_l.a.weight": [(t, file)]})
+        unet = clone(
+            unet,
+            {"diffusion_model.a.weight": [(u, adapter(file))], f"diffusion_model.{file}.weight": [(u, adapter(file))]},
+        )
+        clip = clone(clip, {"clip_l.a.weight": [(t, adapter(file))]})
     objects = SimpleNamespace(unet=unet, clip=SimpleNamespace(patcher=clip))
     original = SimpleNamespace(unet=unet0, clip=SimpleNamespace(patcher=clip0))
     return SimpleNamespace(
@@ -45,12 +58,12 @@ def test_each_lora_gets_the_entries_its_clone_added_in_unet_and_text_encoder() -
     p = SimpleNamespace(sd_model=model)
     host = reforge.ReforgeHost()
     unet = model.forge_objects.unet
-    a = host.entries(p, unet, [net("A.safetensors")])
+    a = strengths(host.entries(p, unet, [net("A.safetensors")]))
     assert a == {
         "diffusion_model.a.weight": [(1.0, "A.safetensors")],
         "diffusion_model.A.safetensors.weight": [(1.0, "A.safetensors")],
     }
-    assert host.entries(p, model.forge_objects.clip.patcher, [net("B.safetensors")]) == {
+    assert strengths(host.entries(p, model.forge_objects.clip.patcher, [net("B.safetensors")])) == {
         "clip_l.a.weight": [(0.0, "B.safetensors")]
     }
     assert host.entries(p, unet, [net("Z.safetensors")]) == {}
@@ -60,7 +73,7 @@ def test_a_lora_written_twice_is_both_of_its_applications() -> None:
     model = model_with([("A.safetensors", 1.0, 1.0), ("A.safetensors", 0.5, 1.0)])
     p = SimpleNamespace(sd_model=model)
     entries = reforge.ReforgeHost().entries(p, model.forge_objects.unet, [net("A.safetensors")])
-    assert entries["diffusion_model.a.weight"] == [(1.0, "A.safetensors"), (0.5, "A.safetensors")]
+    assert strengths(entries)["diffusion_model.a.weight"] == [(1.0, "A.safetensors"), (0.5, "A.safetensors")]
 
 
 def test_strip_leaves_the_others_and_a_new_uuid_on_a_clone_only() -> None:
@@ -69,7 +82,7 @@ def test_strip_leaves_the_others_and_a_new_uuid_on_a_clone_only() -> None:
     unet = model.forge_objects.unet
     ours = SimpleNamespace(patches={k: v[:] for k, v in unet.patches.items()}, patches_uuid="same")
     reforge.ReforgeHost().strip(p, ours, [net("A.safetensors")])
-    assert ours.patches == {
+    assert strengths(ours.patches) == {
         "diffusion_model.a.weight": [(1.0, "B.safetensors")],
         "diffusion_model.B.safetensors.weight": [(1.0, "B.safetensors")],
     }
@@ -85,14 +98,18 @@ def test_patchers_that_do_not_match_the_applied_list_are_refused() -> None:
     assert reforge.applied_entries(model) is None
 
 
-def test_entries_rewritten_after_loading_are_refused() -> None:
-    """LoRA Block Weight rewrites the last patcher's entries with new strengths (``lbwrf``): no entry can be traced
-    to its LoRA any more."""
+def test_strengths_rewritten_after_loading_are_composed_as_they_are_and_dropped_entries_refused() -> None:
+    """LoRA Block Weight rewrites the last patcher's entries with its block weights (``lbwrf``: new tuples, the same
+    adapters), and keeps only plain LoRA entries."""
     model = model_with([("A.safetensors", 1.0, 1.0), ("B.safetensors", 1.0, 1.0)])
-    p = SimpleNamespace(sd_model=model)
+    p = SimpleNamespace(sd_model=model, scripts=None)
     unet = model.forge_objects.unet
     host = reforge.ReforgeHost()
     unet.model = SimpleNamespace()
-    assert host.refusal(p, unet) is None
     unet.patches = {key: [(0.5 * e[0], *e[1:]) for e in entries] for key, entries in unet.patches.items()}
-    assert "cannot be told apart by LoRA" in host.refusal(p, unet)
+    assert host.refusal(p, unet) is None
+    assert strengths(host.entries(p, unet, [net("A.safetensors")]))["diffusion_model.a.weight"] == [
+        (0.5, "A.safetensors")
+    ]
+    unet.patches = {key: entries[1:] for key, entries in unet.patches.items()}
+    assert "(another extension): they cannot be told apart by LoRA" in host.refusal(p, unet)
