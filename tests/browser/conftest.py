@@ -1,8 +1,8 @@
-"""Fixtures for the browser tier: per host (A1111, Forge) one server with its full UI per session, started as
+"""Fixtures for the browser tier: per host (A1111, Forge, reForge) one server with its full UI per session, started as
 ``python -m tests.hosts run`` starts it (``tests/hosts/ui.py``), and fresh Chromium pages on it (Playwright).
 
 The whole tier is skipped without Playwright's package or Debian's Chromium, and a host's half without that host's
-variable (``SD_WEBUI_DIR``, ``SD_FORGE_DIR``); see README.md.
+variable (``SD_WEBUI_DIR``, ``SD_FORGE_DIR``, ``SD_REFORGE_DIR``); see README.md.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from forge.server import HOSTS as FORGE_HOSTS
 from forge.server import forge_dir_from_env, forge_python
 from forge.server import tracebacks as forge_tracebacks
+from hosts.recipes import RECIPES
 from hosts.tier import Tier
 from hosts.ui import ui_server
 from webui.server import EXTENSION_LINK_NAME, WebuiClient, WebuiServer, webui_dir_from_env, webui_python
@@ -44,11 +47,18 @@ TIERS = {
     "a1111": Tier(
         HERE, webui_dir_from_env, "SD_WEBUI_DIR is not set: A1111 browser tests skipped", "webui", webui_tracebacks
     ),
-    "forge": Tier(
-        HERE, forge_dir_from_env, "SD_FORGE_DIR is not set: Forge browser tests skipped", "Forge", forge_tracebacks
-    ),
+    **{
+        host: Tier(
+            HERE,
+            partial(forge_dir_from_env, host),
+            f"{RECIPES[host].dir_var} is not set: {label} browser tests skipped",
+            label,
+            forge_tracebacks,
+        )
+        for host, label in FORGE_HOSTS.items()
+    },
 }
-PYTHONS: dict[str, Callable[[], str]] = {"a1111": webui_python, "forge": forge_python}
+PYTHONS: dict[str, Callable[[], str]] = {"a1111": webui_python, **{h: partial(forge_python, h) for h in FORGE_HOSTS}}
 
 
 def browser_missing() -> str | None:
@@ -85,7 +95,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @dataclass(frozen=True)
 class Ui:
-    """A running host with its UI: which host (``a1111``, ``forge``), its server and the tier's log checks."""
+    """A running host with its UI: which host (``a1111``, ``forge``, ``reforge``), its server and the tier's log
+    checks."""
 
     name: str
     server: WebuiServer

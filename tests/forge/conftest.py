@@ -1,7 +1,9 @@
 """Fixtures for the real-Forge tier: one API-only Forge per session with a tiny random SD1.5 model and test LoRAs
 (and, on first use, a second one without the extension).
 
-Everything here is skipped unless ``SD_FORGE_DIR`` names a Forge checkout; see README.md.
+The host is ``$MULTILORA_FORGE_HOST`` (``forge`` by default, or ``reforge``: server.py). Everything here is skipped
+unless the host's variable (``SD_FORGE_DIR``, ``SD_REFORGE_DIR``) names its checkout; see README.md. Tests of a
+feature only Forge has (marked ``forge2_only``) are deselected on reForge, each named with its reason.
 """
 
 from __future__ import annotations
@@ -14,17 +16,51 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hosts.tier import Tier
 
-from .server import SKIP_REASON, ForgeServer, build_assets, forge_dir_from_env, tracebacks
+from .server import HOST, HOST_LABEL, SKIP_REASON, ForgeServer, build_assets, forge_dir_from_env, tracebacks
 
 if TYPE_CHECKING:
     from webui.server import WebuiClient
 
 HERE = Path(__file__).resolve().parent
-TIER = Tier(HERE, forge_dir_from_env, SKIP_REASON, "Forge", tracebacks)
+TIER = Tier(HERE, forge_dir_from_env, SKIP_REASON, HOST_LABEL, tracebacks)
+#: The tests deselected on this host, with their reasons (printed in the terminal summary).
+DESELECTED: pytest.StashKey[list[tuple[str, str]]] = pytest.StashKey()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "forge2_only(reason): checks a feature of Forge (lllyasviel's, its backend) that reForge does not have: "
+        "deselected when MULTILORA_FORGE_HOST=reforge",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tier without its host's variable; on reForge, deselect the ``forge2_only`` tests (a deselected
+    test is not a skipped one: MULTILORA_FAIL_ON_SKIP holds the rest of the tier to running)."""
     TIER.skip_unconfigured(items)
+    if HOST == "forge":
+        return
+    kept, dropped, reasons = [], [], []
+    for item in items:
+        mark = item.get_closest_marker("forge2_only") if TIER.contains(item) else None
+        if mark is None:
+            kept.append(item)
+        else:
+            dropped.append(item)
+            reasons.append((item.nodeid, mark.args[0] if mark.args else mark.kwargs.get("reason", "Forge only")))
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+    config.stash[DESELECTED] = reasons
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    reasons = config.stash.get(DESELECTED, [])
+    if reasons:
+        terminalreporter.section(f"deselected on {HOST_LABEL}: {len(reasons)} test(s) of a Forge-only feature")
+        for nodeid, reason in reasons:
+            terminalreporter.write_line(f"{nodeid}: {reason}")
 
 
 @pytest.hookimpl(hookwrapper=True)

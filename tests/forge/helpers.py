@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from webui.server import assert_noise_floor
 
+from .server import REFORGE
+
 if TYPE_CHECKING:
     import numpy as np
     from webui.server import Result, WebuiClient
@@ -37,6 +39,13 @@ def multilora(method: str, tau: int = 5, loras: str = "", enabled: bool = True) 
 def ml(**named: Any) -> dict[str, Any]:
     """The named-dict form of the args, enabled."""
     return {"alwayson_scripts": {TITLE: {"args": [{"enabled": True, **named}]}}}
+
+
+def multidiffusion(tile_batch: int = 4) -> dict[str, Any]:
+    """The built-in MultiDiffusion on: 48x48 tiles overlapping by 16, ``tile_batch`` tiles per UNet call (reForge's
+    panel has a SpotDiffusion shift method last, unused by this method: its default)."""
+    args = [True, "MultiDiffusion", 48, 48, 16, tile_batch, *(("random",) if REFORGE else ())]
+    return {"MultiDiffusion Integrated": {"args": args}}
 
 
 def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:

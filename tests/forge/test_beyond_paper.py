@@ -3,19 +3,18 @@ are the invariants that show each runs through Forge's model function wrapper)."
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import pytest
 from webui.server import SAME, max_diff, trace
 
 from .helpers import AB, PROMPT, STEPS, gen, ml, reference_within_floor
-from .server import SKIP_REASON
+from .server import SKIP_REASON, forge_dir_from_env
 
 if TYPE_CHECKING:
     from webui.server import WebuiClient
 
-if not os.environ.get("SD_FORGE_DIR", "").strip():
+if forge_dir_from_env() is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 pytest.importorskip("numpy")

@@ -3,7 +3,6 @@ text-encoder policy, hires fix, img2img, and the cases Multi-LoRA refuses (said 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +19,16 @@ from .helpers import (
     TITLE,
     gen,
     ml,
+    multidiffusion,
     multilora,
     reference_within_floor,
 )
-from .server import SKIP_REASON
+from .server import REFORGE, SKIP_REASON, forge_dir_from_env
 
 if TYPE_CHECKING:
     from webui.server import WebuiClient
 
-if not os.environ.get("SD_FORGE_DIR", "").strip():
+if forge_dir_from_env() is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 pytest.importorskip("numpy")
@@ -78,8 +78,10 @@ def test_bad_api_args_are_reported_and_the_image_is_plain(forge: WebuiClient) ->
 
 
 def xyz_args(x_type: int, x_values: str) -> list[Any]:
-    """x/y/z plot's positional args (its ui() order, the same on Forge): X axis only, legend, sub images."""
-    return [x_type, x_values, None, 0, "", None, 0, "", None, True, True, False, False, False, False, False, 0, True]
+    """x/y/z plot's positional args (its ui() order, the same on Forge): X axis only, legend, sub images. reForge's
+    has three more after the legend: individual labels, skip the grid, items per grid (off, off, 0)."""
+    legend = [True, *((False, False, 0) if REFORGE else ())]
+    return [x_type, x_values, None, 0, "", None, 0, "", None, *legend, True, False, False, False, False, False, 0, True]
 
 
 def axis_index(forge: WebuiClient, label: str) -> int:
@@ -158,7 +160,7 @@ def test_hires_fix_runs_the_method_in_both_passes(forge: WebuiClient, mode: str,
 def test_multidiffusion_wraps_the_method(forge: WebuiClient) -> None:
     """Forge's built-in MultiDiffusion sets its own model function wrapper before ours: ours runs inside it, on the
     tiles it batches, and the invariant holds with it on; nothing of the pass is left."""
-    tiled = {"MultiDiffusion Integrated": {"args": [True, "MultiDiffusion", 48, 48, 16, 4]}}
+    tiled = multidiffusion(4)
     a_unet = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5:0>"
     swapped = f"{PROMPT} <lora:mlB:0.5:0> <lora:mlA:0.5>"
     reference = reference_within_floor(forge, a_unet, swapped, alwayson_scripts=tiled)
@@ -238,6 +240,7 @@ def unet_storage(forge: WebuiClient) -> Iterator[Callable[[str], None]]:
         forge.post("/multilora-probe/unet-storage", {"option": previous})
 
 
+@pytest.mark.forge2_only("Diffusion in Low Bits (fp8 weights, online fp16 LoRAs) is Forge's; reForge has none")
 def test_low_bit_unet_weights(forge: WebuiClient, unet_storage: Callable[[str], None]) -> None:
     """fp8 weights with Forge's "fp16 LoRA" option apply LoRAs online, in every forward: refused, said, the image is
     plain. fp8 weights without it get every LoRA merged, rounded, into them: the composed LoRAs are taken out for the

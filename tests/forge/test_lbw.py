@@ -1,6 +1,7 @@
-"""Multi-LoRA beside LoRA Block Weight in a real Forge: LBW (unpacked in ``$SD_FORGE_NEIGHBOURS``, linked into a
-Forge of this module's own) rewrites each UNet and text-encoder patch's strength by the block its key falls in, and a
-pass composes the patches as LBW left them; its step controls are refused, with a warning naming it.
+"""Multi-LoRA beside LoRA Block Weight in a real Forge: LBW (unpacked in ``$SD_FORGE_NEIGHBOURS``, on reForge
+``$SD_REFORGE_NEIGHBOURS``, linked into a Forge of this module's own) rewrites each UNet and text-encoder patch's
+strength by the block its key falls in, and a pass composes the patches as LBW left them; its step controls are
+refused, with a warning naming it.
 
 The Forge tier's tiny model has one UNet level (``input_blocks.1``, ``middle_block``, ``output_blocks.0``/``.1``,
 each a res block and a transformer), where the test LoRAs patch the transformers: LBW's keys ``IN01``, ``M00``,
@@ -10,7 +11,6 @@ each a res block and a transformer), where the test LoRAs patch the transformers
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,15 +20,17 @@ from webui.server import SAME, WebuiClient, max_diff, mean_diff, trace
 
 from .conftest import TIER
 from .helpers import DIFFERENT, PROMPT, STEPS, gen, ml, reference_within_floor
-from .server import SKIP_REASON, ForgeServer
+from .server import HOST_LABEL, REFORGE, SKIP_REASON, ForgeServer, forge_dir_from_env, neighbours_dir_from_env
 
 if TYPE_CHECKING:
     from .conftest import ForgeAssets
 
-if not os.environ.get("SD_FORGE_DIR", "").strip():
+if forge_dir_from_env() is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
-if not os.environ.get("SD_FORGE_NEIGHBOURS", "").strip():
-    pytest.skip("SD_FORGE_NEIGHBOURS is not set: the LoRA Block Weight tests are skipped", allow_module_level=True)
+NEIGHBOURS = neighbours_dir_from_env()
+if NEIGHBOURS is None:
+    reason = f"no {HOST_LABEL} neighbours (tests.hosts setup): the LoRA Block Weight tests are skipped"
+    pytest.skip(reason, allow_module_level=True)
 pytest.importorskip("numpy")
 
 LBW = "sd-webui-lora-block-weight"
@@ -42,7 +44,7 @@ def forge_lbw(forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pyte
     """A Forge with our extension, the probe and LoRA Block Weight, on the session's model and LoRAs."""
     server = ForgeServer(forge_dir, tmp_path_factory.mktemp("forge-data-lbw"), forge_assets.ckpt, forge_assets.lora_dir)
     server.prepare_data_dir()
-    target = Path(os.environ["SD_FORGE_NEIGHBOURS"]) / LBW
+    target = NEIGHBOURS / LBW
     (server.data_dir / "extensions" / LBW).symlink_to(target, target_is_directory=True)
     with TIER.serving(server):
         client = WebuiClient(server, timeout=300)
@@ -63,11 +65,19 @@ def test_block_weights_act_on_the_test_model(forge_lbw: WebuiClient) -> None:
     assert mean_diff(weighted.image, gen(forge_lbw, PROMPT).image) > DIFFERENT, "the zeroed blocks are not all"
 
 
+def equal_other_way(first: str, then: str, first_split: str) -> str:
+    """The reference ``first then`` computed another equal way, for the noise floor: the tags the other way round
+    (Forge), or the first LoRA as two patch sets that sum to it (``first_split``: reForge, where LBW gives each
+    key's patches the tags' block weights in tag order, so a tag that patches no UNet key, such as a text-encoder-only
+    one, puts its UNet weight, 0, on the next tag's patches)."""
+    return f"{PROMPT} {first_split} {then}" if REFORGE else f"{PROMPT} {then} {first}"
+
+
 def test_composite_over_a_block_weighted_lora_equals_it(forge_lbw: WebuiClient) -> None:
-    weighted = f"{PROMPT} <lora:mlA:0.5:lbw={W}>"
-    reference_within_floor(
-        forge_lbw, f"{weighted} <lora:mlB:0.5:0>", f"{PROMPT} <lora:mlB:0.5:0> <lora:mlA:0.5:lbw={W}>"
-    )
+    a = f"<lora:mlA:0.5:lbw={W}>"
+    weighted = f"{PROMPT} {a}"
+    split = f"<lora:mlA:0.3:lbw={W}> <lora:mlA:0.2:lbw={W}>"
+    reference_within_floor(forge_lbw, f"{weighted} <lora:mlB:0.5:0>", equal_other_way(a, "<lora:mlB:0.5:0>", split))
     reference = gen(forge_lbw, weighted)
     composite = gen(forge_lbw, weighted, **ml(method="Composite"))
     assert [c["active"] for c in trace(forge_lbw)] == [[0]] * STEPS
@@ -82,9 +92,11 @@ def test_switch_runs_the_first_lora_alone_in_the_unet_with_its_block_weights(
     """The weighted LoRA active (its weighted patches act) or inactive (its weighted delta is what the pass takes
     away from the merged weights)."""
     a, b, b_te = f"<lora:mlA:0.5:lbw={W}>", "<lora:mlB:0.5>", "<lora:mlB:0.5:0>"
+    split = f"<lora:mlA:0.3:lbw={W}> <lora:mlA:0.2:lbw={W}>"
     if first == "plain":
         a, b, b_te = "<lora:mlB:0.5>", f"<lora:mlA:0.5:lbw={W}>", f"<lora:mlA:0.5:0:lbw={W}>"
-    reference = reference_within_floor(forge_lbw, f"{PROMPT} {a} {b_te}", f"{PROMPT} {b_te} {a}")
+        split = "<lora:mlB:0.3> <lora:mlB:0.2>"
+    reference = reference_within_floor(forge_lbw, f"{PROMPT} {a} {b_te}", equal_other_way(a, b_te, split))
     switch = gen(forge_lbw, f"{PROMPT} {a} {b}", **ml(method="Switch", tau=STEPS))
     assert [c["active"] for c in trace(forge_lbw)] == [[0]] * STEPS
     assert max_diff(switch.image, reference) <= SAME

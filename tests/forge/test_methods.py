@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,14 +22,14 @@ from .helpers import (
     multilora,
     reference_within_floor,
 )
-from .server import SKIP_REASON
+from .server import SKIP_REASON, forge_dir_from_env
 
 if TYPE_CHECKING:
     from webui.server import WebuiClient
 
     from .conftest import ForgeAssets
 
-if not os.environ.get("SD_FORGE_DIR", "").strip():
+if forge_dir_from_env() is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 pytest.importorskip("numpy")

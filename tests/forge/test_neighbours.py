@@ -10,13 +10,12 @@ noise floor is measured under each neighbour."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,8 @@ import pytest
 from hosts.tier import assert_no_trace, snapshot
 from webui.server import SAME, assert_noise_floor, encode_image, max_diff, mean_diff, server_env, trace
 
-from .helpers import AB, DIFFERENT, PROMPT, gen, ml
-from .server import SKIP_REASON, forge_python
+from .helpers import AB, DIFFERENT, PROMPT, gen, ml, multidiffusion
+from .server import REFORGE, SKIP_REASON, forge_dir_from_env, forge_python
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     from .conftest import ForgeAssets
     from .server import ForgeServer
 
-if not os.environ.get("SD_FORGE_DIR", "").strip():
+if forge_dir_from_env() is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 np = pytest.importorskip("numpy")
@@ -52,7 +51,6 @@ A_AND_COPY = f"{PROMPT} <lora:mlA:0.5> <lora:{COPY}:0.5>"
 #: The ControlNet's hint, a seeded noise image (module "None": the image goes to the ControlNet as it is).
 HINT = encode_image(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 CN = "ControlNet"
-MD = "MultiDiffusion Integrated"
 #: Fewer steps than the tier's other modules: the module makes about 100 images.
 FEW_STEPS = 3
 LONG_STEPS = 200  # an interrupted run stops after a few of these
@@ -245,6 +243,9 @@ class Neighbour:
     patches_unet: bool
     acts: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the Batched fallback names, when not ``folder``: reForge's built-ins patch the UNet with its
+    #: ``ldm_patched.contrib`` nodes, whose module is what the patch function tells
+    owner: str | None = None
 
 
 NEIGHBOURS = {
@@ -300,9 +301,7 @@ NEIGHBOURS = {
         "sd_forge_latent_modifier",
         patches_unet=False,
     ),
-    "MultiDiffusion": Neighbour(
-        {MD: {"args": [True, "MultiDiffusion", 48, 48, 16, 4]}}, "sd_forge_multidiffusion", patches_unet=False
-    ),
+    "MultiDiffusion": Neighbour(multidiffusion(4), "sd_forge_multidiffusion", patches_unet=False),
     # ControlNet's reference_only preprocessor needs no model: it records the reference's self-attention in a pass of
     # its own and attends to it in every call
     "Reference": Neighbour(
@@ -313,16 +312,73 @@ NEIGHBOURS = {
 }
 
 
-@pytest.mark.parametrize("name", list(NEIGHBOURS))
+#: reForge's built-ins: the same folders, older panels (titles and args as their scripts' ``ui()`` return them), the
+#: same settings; it has no PAG and no StyleAlign (their tests are deselected there).
+REFORGE_NEIGHBOURS = {
+    "FreeU": Neighbour(
+        {"FreeU Integrated": {"args": [True, 1.5, 1.6, 0.9, 0.2]}},
+        "sd_forge_freeu",
+        patches_unet=True,
+        acts=False,
+        owner="ldm_patched.contrib.nodes_freelunch",
+    ),
+    "SAG": Neighbour(
+        {"SelfAttentionGuidance Integrated": {"args": [True, 0.5, 2.0]}},
+        "sd_forge_sag",
+        patches_unet=True,
+        owner="ldm_patched.contrib.nodes_sag",
+    ),
+    "DynamicThresholding": Neighbour(
+        {
+            "DynamicThresholding (CFG-Fix) Integrated": {
+                # its second arg is the panel's "simple mode" (off: every setting as given)
+                "args": [True, False, 3.0, 0.9, "Constant", 0.0, "Constant", 0.0, 1.0, "enable", "MEAN", "AD", 1.0]
+            }
+        },
+        "sd_forge_dynamic_thresholding",
+        patches_unet=False,
+    ),
+    "KohyaHRFix": replace(NEIGHBOURS["KohyaHRFix"], owner="ldm_patched.contrib.nodes_model_downscale"),
+    "LatentModifier": Neighbour(
+        {
+            "LatentModifier Integrated": {
+                "args": [
+                    *(False, 0.0, "anisotropic", "None"),  # sharpness
+                    *(False, 0.0, "reinhard", 100.0, 0.0),  # tone
+                    *(True, "gaussian", "add", 0.0, 100, "subtract", 0.0),  # noise and combat: on for ...
+                    0.7,  # ... rescale CFG phi, the one setting that acts; the others are the panel's defaults
+                    *(False, 127, 0.0, "hard_clamp", 5.0, 0.0),  # advanced
+                    *(False, "None"),  # dynamic CFG
+                ]
+            }
+        },
+        "sd_forge_latent_modifier",
+        patches_unet=False,
+    ),
+    "MultiDiffusion": Neighbour(multidiffusion(4), "sd_forge_multidiffusion", patches_unet=False),
+    "Reference": NEIGHBOURS["Reference"],
+}
+HOST_NEIGHBOURS = REFORGE_NEIGHBOURS if REFORGE else NEIGHBOURS
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        name
+        if name in REFORGE_NEIGHBOURS
+        else pytest.param(name, marks=pytest.mark.forge2_only(f"{NEIGHBOURS[name].folder} is not built into reForge"))
+        for name in NEIGHBOURS
+    ],
+)
 def test_builtin_beside_every_method(
     forge: WebuiClient, copy_of_a: str, without_neighbour: Callable[[int], list[np.ndarray]], name: str
 ) -> None:
     """Each built-in that puts options, patches or wrappers on the UNet's patcher, beside every method."""
-    n = NEIGHBOURS[name]
+    n = HOST_NEIGHBOURS[name]
     reference = run(forge, A_COPY, n.entry, **n.extra).images
     assert_noise_floor(reference[0], run(forge, COPY_A, n.entry, **n.extra).image)
     assert_batched_is_sequential(
-        forge, n.entry, f"the UNet patches of {n.folder}" if n.patches_unet else None, **n.extra
+        forge, n.entry, f"the UNet patches of {n.owner or n.folder}" if n.patches_unet else None, **n.extra
     )
     before = snapshot(forge, lambda: run(forge, A_AND_COPY, n.entry, **n.extra))
     plain = without_neighbour(n.extra.get("batch_size", 1))
@@ -339,9 +395,7 @@ def test_spatial_inside_multidiffusion_knows_the_rows_of_every_tile_batch(forge:
     """MultiDiffusion stacks k tiles per call, each with all of the UNet call's rows in their order: Spatial mixes
     the cond rows of every tile, so a tile batch of 4 gives the image a tile batch of 1 gives."""
 
-    def tiles(batch: int) -> dict[str, Any]:
-        return {MD: {"args": [True, "MultiDiffusion", 48, 48, 16, batch]}}
-
+    tiles = multidiffusion
     assert_noise_floor(run(forge, AB, tiles(4)).image, run(forge, AB, tiles(1)).image)
     one = run(forge, AB, tiles(1), ml(method="Spatial"))
     assert all(len(c["cond_rows"]) == 2 for c in trace(forge))

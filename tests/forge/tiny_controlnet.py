@@ -1,10 +1,11 @@
 """Write a tiny random ControlNet for the Forge tier's tiny SD1.5 model (``tiny_model.py``), for its built-in
 ControlNet to load: the encoder half of the same one-level UNet (320 channels, context 768) with Forge's hint block.
 
-Run as a script with Forge's python (``test_neighbours.py`` does, in a subprocess): the shapes come from Forge's own
-``backend.nn.cnets.cldm.ControlNet`` built on the meta device with ``tiny_model.UNET_CONFIG`` and 3 hint channels, so
-the keys are the layout Forge's loader recognises (``zero_convs.0.0.weight`` at the top level: it then detects the
-config from the keys, ``modules_forge/supported_controlnet.py``)::
+Run as a script with the host's python (``test_neighbours.py`` does, in a subprocess): the shapes come from Forge's
+own ``backend.nn.cnets.cldm.ControlNet`` (reForge's ``ldm_patched.controlnet.cldm.ControlNet``: the same keys, the
+same file) built on the meta device with ``tiny_model.UNET_CONFIG`` and 3 hint channels, so the keys are the layout
+the host's loader recognises (``zero_convs.0.0.weight`` at the top level: it then detects the config from the keys,
+``modules_forge/supported_controlnet.py``)::
 
     python tests/forge/tiny_controlnet.py OUT_DIR --forge FORGE_DIR [--seed 0]
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_model import UNET_CONFIG, forge_modules, random_tensor
+from tiny_model import UNET_CONFIG, HostModels, meta_shapes, random_tensor
 
 NAME = "tiny-cn-sd15"
 HINT_CHANNELS = 3
@@ -31,13 +32,10 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    forge_modules(forge_dir)  # Forge's paths and its CPU flag, before its backend is imported
-    from backend.nn.cnets.cldm import ControlNet
-
     config = {key: value for key, value in UNET_CONFIG.items() if key != "out_channels"}
     with torch.device("meta"):
-        model = ControlNet(hint_channels=HINT_CHANNELS, **config)
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        model = HostModels(forge_dir, sdxl=False).controlnet(config, HINT_CHANNELS)
+    shapes = meta_shapes((("", model),))
     generator = torch.Generator().manual_seed(seed * 1000 + 100)
     state = {key: random_tensor(key, shape, generator).to(torch.float16) for key, shape in shapes.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +47,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--forge", type=Path, required=True, help="the Forge checkout")
+    parser.add_argument("--forge", type=Path, required=True, help="the Forge (or reForge) checkout")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(build(args.out_dir.resolve(), args.forge.resolve(), args.seed))

@@ -102,6 +102,11 @@ SDXL_UNET_CONFIG = {
 }
 
 
+def is_reforge(webui_dir: Path) -> bool:
+    """reForge (Forge's older backend, ``ldm_patched``) rather than Forge (``backend``)."""
+    return not (webui_dir / "backend").is_dir() and (webui_dir / "ldm_patched").is_dir()
+
+
 def forge_modules(forge_dir: Path) -> tuple[Any, Any]:
     """Forge's UNet and VAE classes. ``backend.args`` parses ``sys.argv`` when imported: it gets Forge's CPU flag
     alone."""
@@ -116,68 +121,170 @@ def forge_modules(forge_dir: Path) -> tuple[Any, Any]:
     return IntegratedUNet2DConditionModel, IntegratedAutoencoderKL
 
 
-def checkpoint_shapes(forge_dir: Path) -> dict[str, tuple[int, ...]]:
+def reforge_import(webui_dir: Path, module: str) -> Any:
+    """A module of reForge's ``ldm_patched``, its memory manager on the CPU (``--always-cpu``: its args parser reads
+    no ``sys.argv`` unless told to, and the memory manager picks its device at import). Some import the webui's
+    ``modules.shared``, whose flags parser reads ``sys.argv``: it gets none."""
+    import importlib
+
+    if str(webui_dir) not in sys.path:
+        sys.path.insert(0, str(webui_dir))
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        importlib.import_module("ldm_patched.modules.args_parser").args.always_cpu = True
+        return importlib.import_module(module)
+    finally:
+        sys.argv = argv
+
+
+class HostModels:
+    """The host's own model classes and configs, for the shapes (Forge: ``backend`` and its bundled diffusers
+    configs; reForge: ``ldm_patched`` and its bundled CLIP configs). Both hosts hold the same modules under the same
+    keys in the same order: a seed gives the same files on either."""
+
+    def __init__(self, webui_dir: Path, sdxl: bool) -> None:
+        self.webui_dir, self.sdxl, self.reforge = webui_dir, sdxl, is_reforge(webui_dir)
+
+    def unet(self, config: dict[str, Any]) -> Any:
+        if self.reforge:
+            openaimodel = reforge_import(self.webui_dir, "ldm_patched.ldm.modules.diffusionmodules.openaimodel")
+            return openaimodel.UNetModel(image_size=None, **config)
+        return forge_modules(self.webui_dir)[0](**config)
+
+    def controlnet(self, config: dict[str, Any], hint_channels: int) -> Any:
+        """The host's ControlNet (the UNet's encoder half and a hint block) for the UNet ``config``."""
+        if self.reforge:
+            cldm = reforge_import(self.webui_dir, "ldm_patched.controlnet.cldm")
+            return cldm.ControlNet(image_size=None, hint_channels=hint_channels, **config)
+        forge_modules(self.webui_dir)  # Forge's paths and its CPU flag, before its backend is imported
+        from backend.nn.cnets.cldm import ControlNet
+
+        return ControlNet(hint_channels=hint_channels, **config)
+
+    def _forge_configs(self) -> Path:
+        forge_modules(self.webui_dir)
+        if not self.sdxl:
+            return self.webui_dir / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
+        from huggingface_guess import model_list
+
+        return self.webui_dir / "backend" / "huggingface" / model_list.SDXL.huggingface_repo
+
+    def vae(self) -> Any:
+        """SD1's and SDXL's VAE (one architecture)."""
+        if self.reforge:
+            autoencoder = reforge_import(self.webui_dir, "ldm_patched.ldm.models.autoencoder")
+            ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3}
+            ddconfig |= {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": []}
+            return autoencoder.AutoencoderKL(ddconfig={**ddconfig, "dropout": 0.0}, embed_dim=4)
+        vae_class = forge_modules(self.webui_dir)[1]
+        return vae_class.from_config(vae_class.load_config(str(self._forge_configs() / "vae")))
+
+    def text_config(self, encoder: str) -> Any:
+        """CLIP-L's (``text_encoder``) or CLIP-G's (``text_encoder_2``) transformers config."""
+        from transformers import CLIPTextConfig
+
+        if self.reforge:
+            name = "clip_config_bigg.json" if encoder == "text_encoder_2" else "sd1_clip_config.json"
+            return CLIPTextConfig.from_json_file(str(self.webui_dir / "ldm_patched" / "modules" / name))
+        return CLIPTextConfig.from_pretrained(str(self._forge_configs() / encoder))
+
+    def sdxl_guess(self) -> Any:
+        """The host's SDXL model class (``huggingface_guess``'s or ``ldm_patched``'s: the same clip saver)."""
+        if self.reforge:
+            return reforge_import(self.webui_dir, "ldm_patched.modules.supported_models").SDXL(SDXL_UNET_CONFIG)
+        forge_modules(self.webui_dir)
+        from huggingface_guess import model_list
+
+        return model_list.SDXL(SDXL_UNET_CONFIG)
+
+
+class IntegratedCLIP:
+    """Forge's ``backend.nn.clip.IntegratedCLIP`` (a transformers text model, ``logit_scale`` and, for SDXL, a
+    ``text_projection``): the keys its loader fills, built the same way on either host."""
+
+    def __new__(cls, config: Any, add_text_projection: bool) -> Any:
+        import torch
+        from transformers import CLIPTextModel
+
+        module = torch.nn.Module()
+        module.transformer = CLIPTextModel(config)
+        module.logit_scale = torch.nn.Parameter(torch.tensor(4.6055))
+        if add_text_projection:
+            module.transformer.text_projection = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        return module
+
+
+def checkpoint_shapes(webui_dir: Path) -> dict[str, tuple[int, ...]]:
     """Every checkpoint key (original ldm layout) and its shape."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    unet_class, vae_class = forge_modules(forge_dir)
-    configs = forge_dir / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
+    host = HostModels(webui_dir, sdxl=False)
     with torch.device("meta"):
         parts = (
-            (UNET_PREFIX, unet_class(**UNET_CONFIG)),
-            ("first_stage_model.", vae_class.from_config(vae_class.load_config(str(configs / "vae")))),
-            (TE_PREFIX, CLIPTextModel(CLIPTextConfig.from_pretrained(str(configs / "text_encoder")))),
+            (UNET_PREFIX, host.unet(UNET_CONFIG)),
+            ("first_stage_model.", host.vae()),
+            (TE_PREFIX, CLIPTextModel(host.text_config("text_encoder"))),
         )
     return meta_shapes(parts)
 
 
-def sdxl_shapes(forge_dir: Path) -> dict[str, tuple[int, ...]]:
+#: SDXL's text encoders as Forge names them (``clip_l``, ``clip_g``) and their folders in a diffusers repo.
+SDXL_ENCODERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+def sdxl_shapes(webui_dir: Path) -> dict[str, tuple[int, ...]]:
     """Every parameter of the SDXL model and its shape: the UNet and the VAE under their checkpoint keys, the text
     encoders as Forge holds them (``clip_l.``/``clip_g.`` + ``IntegratedCLIP``'s keys), before :func:`sdxl_checkpoint`.
     """
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet_class, vae_class = forge_modules(forge_dir)
-    from backend.nn.clip import IntegratedCLIP
-    from huggingface_guess import model_list
-
-    configs = forge_dir / "backend" / "huggingface" / model_list.SDXL.huggingface_repo
-    text_encoders = model_list.SDXL(SDXL_UNET_CONFIG).clip_target()  # {"clip_l": "text_encoder", ...}
+    host = HostModels(webui_dir, sdxl=True)
     with torch.device("meta"):
         parts = (
-            (UNET_PREFIX, unet_class(**SDXL_UNET_CONFIG)),
-            ("first_stage_model.", vae_class.from_config(vae_class.load_config(str(configs / "vae")))),
-            *(
-                (f"{clip}.", IntegratedCLIP(CLIPTextModel, CLIPTextConfig.from_pretrained(str(configs / folder)), True))
-                for clip, folder in text_encoders.items()
-            ),
+            (UNET_PREFIX, host.unet(SDXL_UNET_CONFIG)),
+            ("first_stage_model.", host.vae()),
+            *((f"{clip}.", IntegratedCLIP(host.text_config(folder), True)) for clip, folder in SDXL_ENCODERS.items()),
         )
     return meta_shapes(parts)
 
 
+#: The order Forge's transformer block registers its parts in (reForge's ``ldm_patched`` block registers ``ff`` after
+#: ``attn1`` and the norms last): the random tensors are drawn in key order, so both hosts' files are the same.
+BLOCK_ORDER = ("attn1.", "norm1.", "attn2.", "norm2.", "ff.", "norm3.")
+
+
 def meta_shapes(parts: tuple[tuple[str, Any], ...]) -> dict[str, tuple[int, ...]]:
     """``prefix + key``: shape, for each (prefix, module built on the meta device); without transformers'
-    ``position_ids`` buffer."""
-    return {
+    ``position_ids`` buffer; each transformer block's keys in Forge's order (:data:`BLOCK_ORDER`)."""
+    shapes = {
         prefix + key: tuple(value.shape)
         for prefix, module in parts
         for key, value in module.state_dict().items()
         if not key.endswith("position_ids")
     }
 
+    def block(key: str) -> tuple[str, int]:
+        head, found, tail = key.partition(".transformer_blocks.")
+        if not found:
+            return key, 0
+        index, _, rest = tail.partition(".")
+        rank = next((i for i, part in enumerate(BLOCK_ORDER) if rest.startswith(part)), len(BLOCK_ORDER))
+        return f"{head}.transformer_blocks.{index}", rank
 
-def sdxl_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
-    """The SDXL state in the sgm layout of real SDXL checkpoints, the text encoders converted by
-    ``huggingface_guess``'s own SDXL saver (the inverse of what Forge's loader does to them)."""
-    from huggingface_guess import model_list
+    first: dict[str, int] = {}  # where each block (or lone key) starts: blocks keep their place, keys sort inside
+    for i, key in enumerate(shapes):
+        first.setdefault(block(key)[0], i)
+    ordered = sorted(shapes, key=lambda key: (first[block(key)[0]], block(key)[1]))  # stable
+    return {key: shapes[key] for key in ordered}
 
-    guess = model_list.SDXL(SDXL_UNET_CONFIG)
-    encoders = guess.clip_target()  # {"clip_l": ..., "clip_g": ...}
-    rest = {key: value for key, value in state.items() if key.partition(".")[0] not in encoders}
-    text = {key: value for key, value in state.items() if key.partition(".")[0] in encoders}
-    return rest | guess.process_clip_state_dict_for_saving(text)
+
+def sdxl_checkpoint(state: dict[str, Any], webui_dir: Path) -> dict[str, Any]:
+    """The SDXL state in the sgm layout of real SDXL checkpoints, the text encoders converted by the host's own SDXL
+    saver (``huggingface_guess``'s or ``ldm_patched``'s: the inverse of what its loader does to them)."""
+    rest = {key: value for key, value in state.items() if key.partition(".")[0] not in SDXL_ENCODERS}
+    text = {key: value for key, value in state.items() if key.partition(".")[0] in SDXL_ENCODERS}
+    return rest | HostModels(webui_dir, sdxl=True).sdxl_guess().process_clip_state_dict_for_saving(text)
 
 
 def random_tensor(key: str, shape: tuple[int, ...], generator: Any) -> Any:
@@ -283,7 +390,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False) -> 
     state = {key: random_tensor(key, shape, generator).to(torch.float16) for key, shape in shapes.items()}
     ckpt = out_dir / "Stable-diffusion" / f"{stem}.safetensors"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sdxl_checkpoint(state) if sdxl else state, str(ckpt))
+    save_file(sdxl_checkpoint(state, forge_dir) if sdxl else state, str(ckpt))
     lora_dir = out_dir / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     loras = {}
@@ -318,7 +425,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--forge", type=Path, required=True, help="the Forge checkout")
+    parser.add_argument("--forge", type=Path, required=True, help="the Forge (or reForge) checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl", action="store_true", help="the SDXL model and its LoRAs instead of SD1.5's")
     args = parser.parse_args()

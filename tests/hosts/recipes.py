@@ -54,4 +54,14 @@ RECIPES: dict[str, Recipe] = {
         extra=("joblib",),  # else Forge turns its soft-inpainting script off
         neighbours=("sd-webui-lora-block-weight-*.tar.gz",),  # its ControlNet is built in
     ),
+    "reforge": Recipe(
+        name="reforge",
+        tarball="reforge-*.tar.gz",
+        dir_var="SD_REFORGE_DIR",
+        python_var="SD_REFORGE_PYTHON",
+        # its pydantic is a wheel on GitHub (a URL line): the same version from PyPI
+        replace=(*COMMON_REPLACE, ("pydantic", "pydantic==1.10.15")),
+        extra=("clip-anytorch", "joblib"),
+        neighbours=("sd-webui-lora-block-weight-*.tar.gz",),  # its ControlNet is built in
+    ),
 }

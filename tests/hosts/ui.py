@@ -22,6 +22,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))  # the tiers import each other as top-level packages (``webui.server``)
 
+from forge.server import HOSTS as FORGE_HOSTS  # noqa: E402
 from forge.server import ForgeServer  # noqa: E402
 from forge.server import build_assets as build_forge_assets  # noqa: E402
 from webui.server import REPO_ROOT, WebuiServer, free_port, server_env  # noqa: E402
@@ -30,7 +31,7 @@ from webui.server import REPO_ROOT, WebuiServer, free_port, server_env  # noqa: 
 def build_assets(name: str, webui_dir: Path, python: str, folder: Path) -> tuple[Path, Path]:
     """Build host ``name``'s tier's tiny model and its LoRAs (mlA, mlB, ... as that tier's fixtures do) into
     ``folder`` with the host's ``python``; return the checkpoint and the LoRA folder."""
-    if name == "forge":
+    if name in FORGE_HOSTS:
         manifest = build_forge_assets(webui_dir, folder, python=python)
         return Path(manifest["ckpt"]), Path(manifest["lora_dir"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,11 +48,13 @@ def build_assets(name: str, webui_dir: Path, python: str, folder: Path) -> tuple
 def host_server(
     name: str, webui_dir: Path, python: str, ckpt: Path, lora_dir: Path, data_dir: Path, **options: Any
 ) -> WebuiServer:
-    """Host ``name``'s server class (``a1111`` or ``forge``) on that checkpoint and LoRA folder, with this
-    repository and the tier's probe installed; ``options`` are the server's fields (``ui``, ``port``...). Not
-    started yet."""
-    server_class = ForgeServer if name == "forge" else WebuiServer
-    return server_class(webui_dir=webui_dir, data_dir=data_dir, ckpt=ckpt, lora_dir=lora_dir, python=python, **options)
+    """Host ``name``'s server class (``a1111``, or ``forge``/``reforge``: the Forge tier's) on that checkpoint and
+    LoRA folder, with this repository and the tier's probe installed; ``options`` are the server's fields (``ui``,
+    ``port``...). Not started yet."""
+    paths = {"webui_dir": webui_dir, "data_dir": data_dir, "ckpt": ckpt, "lora_dir": lora_dir, "python": python}
+    if name in FORGE_HOSTS:
+        return ForgeServer(**paths, host=name, **options)
+    return WebuiServer(**paths, **options)
 
 
 def ui_server(name: str, webui_dir: Path, python: str, folder: Path, port: int | None = None) -> WebuiServer:

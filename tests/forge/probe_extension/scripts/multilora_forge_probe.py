@@ -1,6 +1,7 @@
 """Test-only Forge extension: what the HTTP API cannot show of Forge's model state and of a Multi-LoRA pass.
 
-Linked into the Forge tier's data dir (never shipped). Endpoints:
+Linked into the Forge tier's data dir (never shipped), on Forge or reForge (the older Forge backend on
+``ldm_patched``); where they differ is in one section below ("the hosts' differences"). Endpoints:
 - ``GET /multilora-probe/status``: ``{model_loaded, checkpoint}`` (Forge loads the model on the first generation).
 - ``GET /multilora-probe/trace``: every Multi-LoRA inner-model call of the last generation: step, active LoRA
   indices, the LoRA files whose patches the pass's UNet patcher holds during the call (the composed ones are taken
@@ -15,7 +16,8 @@ Linked into the Forge tier's data dir (never shipped). Endpoints:
   previous ones (to present a model type the extension does not cover, and put it back).
 - ``POST /multilora-probe/unet-storage {"option": "float8-e4m3fn (fp16 LoRA)"}``: Forge's "Diffusion in Low Bits"
   setting, applied as its UI applies it (``refresh_model_loading_parameters``): the next generation reloads the model
-  with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option.
+  with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option. Not on reForge
+  (404), which has no such setting.
 - ``POST /multilora-probe/recompute {"enabled": false}``: the trace stops recomputing Composite and Spatial calls
   (``diff_vs_mean``...: UNet calls of their own, whose state an extension like SAG would keep); answers the previous
   setting.
@@ -25,7 +27,9 @@ Linked into the Forge tier's data dir (never shipped). Endpoints:
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,12 +59,90 @@ mix_checks = _mix_checks()
 MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl", "is_sd3")
 
 
+# --- the hosts' differences: Forge keeps each LoRA file's patches apart (``patcher.lora_patches``, keyed by file and
+# strengths) and merges them with a loader per model (``lora_loader.loaded_hash``); reForge (ComfyUI's patcher) keeps
+# one list per weight (``patcher.patches[key]``: (strength, adapter, strength_model, offset, function) tuples), no file
+# names, and merges when a patcher's ``patches_uuid`` differs from the model's ``current_weight_patches_uuid``.
+
+REFORGE = importlib.util.find_spec("ldm_patched") is not None
+
+
 def patch_sets(patcher: Any) -> list[list[Any]]:
-    """A patcher's LoRA patch sets as ``[file stem, strength_patch, strength_model, online_mode, patched keys]``."""
-    return [
-        [Path(filename).stem, strength, strength_model, online, len(patches)]
-        for (filename, strength, strength_model, online), patches in patcher.lora_patches.items()
-    ]
+    """A patcher's LoRA patch sets as ``[file stem, strength_patch, strength_model, online_mode, patched keys]``, in
+    load order (reForge: ``online_mode`` None; patches of no file of the current LoRA set as ``"(other)"``)."""
+    if not REFORGE:
+        return [
+            [Path(filename).stem, strength, strength_model, online, len(patches)]
+            for (filename, strength, strength_model, online), patches in patcher.lora_patches.items()
+        ]
+    files = reforge_files(patcher)
+    sets: dict[int, list[Any]] = {}  # per file index (-1: none), [stem, strength, strength_model, None, keys]
+    for key, entries in patcher.patches.items():
+        for entry in entries:
+            index = next((i for i, (_, adapters) in enumerate(files) if id(entry[1]) in adapters), -1)
+            stem = Path(files[index][0]).stem if index >= 0 else "(other)"
+            found = sets.setdefault(index, [stem, entry[0], entry[2], None, set()])
+            found[4].add(key)
+    return [[*found[:4], len(found[4])] for _, found in sorted(sets.items(), key=lambda item: (item[0] < 0, item[0]))]
+
+
+def reforge_files(patcher: Any) -> list[tuple[str, set[int]]]:
+    """reForge: each file of the current LoRA set (``current_lora_hash``: ``[[file, unet, te], ...]``) and the ids of
+    the adapters its load added to ``patcher``'s kind (UNet or CLIP). Its ``networks.load_networks`` clones the
+    original patcher once per file (none for a file at 0 for both) and adds that file's patches to the clone: the
+    ``.parent`` chain from ``forge_objects_after_applying_lora``'s patcher back to ``forge_objects_original``'s."""
+    model = shared.sd_model
+    is_unet = patcher.model is model.forge_objects_original.unet.model
+
+    def of(objects: Any) -> Any:
+        return objects.unet if is_unet else objects.clip.patcher
+
+    try:
+        files = [f for f in ast.literal_eval(model.current_lora_hash or "[]") if f[1] or f[2]]
+    except (ValueError, SyntaxError):
+        files = []
+    chain, node, stop = [], of(model.forge_objects_after_applying_lora), of(model.forge_objects_original)
+    while node is not None and node is not stop:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()
+
+    def adapters(node: Any) -> set[int]:
+        return {id(entry[1]) for entries in node.patches.values() for entry in entries}
+
+    found, before = [], adapters(stop)
+    for i, node in enumerate(chain):
+        now = adapters(node)
+        found.append((files[i][0] if i < len(files) else "?", now - before))
+        before = now
+    return found
+
+
+def merged(roots: dict[str, torch.nn.Module]) -> list[Any]:
+    """What each model's weights have merged: Forge's loader hash, reForge's patches uuid."""
+    if REFORGE:
+        return [str(getattr(root, "current_weight_patches_uuid", None)) for root in roots.values()]
+    return [root.lora_loader.loaded_hash for root in roots.values()]
+
+
+def wrappers(patcher: Any) -> int:
+    """Model function wrappers on a patcher: ``model_function_wrapper`` (and on reForge, ComfyUI's ``wrappers``)."""
+    count = int("model_function_wrapper" in getattr(patcher, "model_options", {}))
+    if REFORGE:
+        count += sum(len(w) for kind in getattr(patcher, "wrappers", {}).values() for w in kind.values())
+    return count
+
+
+def loaded_models() -> list[Any]:
+    """The patchers the memory manager holds loaded."""
+    if REFORGE:
+        from ldm_patched.modules import model_management
+    else:
+        from backend import memory_management as model_management
+    return [loaded.model for loaded in model_management.current_loaded_models if loaded.model is not None]
+
+
+# --- end of the hosts' differences ---
 
 
 class MultiLoraTraceProbe(scripts.Script):
@@ -109,7 +191,6 @@ def checksum(roots: dict[str, torch.nn.Module]) -> str:
 
 def fingerprint() -> dict[str, Any]:
     import networks
-    from backend import memory_management
 
     model = shared.sd_model
     now, nxt = model.forge_objects, model.forge_objects_after_applying_lora
@@ -128,12 +209,9 @@ def fingerprint() -> dict[str, Any]:
         "next_clip_patches": patch_sets(nxt.clip.patcher),
         "unet_is_next": now.unet is nxt.unet,
         "clip_is_next": now.clip is nxt.clip,
-        "merged": [root.lora_loader.loaded_hash for root in roots.values()],
-        "wrapper": ["model_function_wrapper" in patcher.model_options for patcher in (now.unet, nxt.unet)],
-        "loaded_wrappers": sum(
-            "model_function_wrapper" in getattr(loaded.model, "model_options", {})
-            for loaded in memory_management.current_loaded_models
-        ),
+        "merged": merged(roots),
+        "wrapper": [wrappers(patcher) for patcher in (now.unet, nxt.unet)],
+        "loaded_wrappers": sum(wrappers(patcher) for patcher in loaded_models()),
         "networks": [n.name for n in networks.loaded_networks],
         "lora_hash": model.current_lora_hash,
     }
@@ -164,16 +242,18 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 setattr(model, flag, bool(value))
         return previous
 
-    @app.post("/multilora-probe/unet-storage")
-    def unet_storage(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008 - FastAPI's idiom
-        from modules.call_queue import queue_lock
-        from modules_forge import main_entry
+    if not REFORGE:  # Forge's "Diffusion in Low Bits"; reForge has none (404)
 
-        with queue_lock:
-            previous = shared.opts.forge_unet_storage_dtype
-            shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
-            main_entry.refresh_model_loading_parameters()
-        return {"option": previous}
+        @app.post("/multilora-probe/unet-storage")
+        def unet_storage(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008 - FastAPI's idiom
+            from modules.call_queue import queue_lock
+            from modules_forge import main_entry
+
+            with queue_lock:
+                previous = shared.opts.forge_unet_storage_dtype
+                shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
+                main_entry.refresh_model_loading_parameters()
+            return {"option": previous}
 
     @app.post("/multilora-probe/recompute")
     def recompute(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
