@@ -1,10 +1,11 @@
 """Soak: many random API generations against a real host, checking after each one that Multi-LoRA left no trace.
 
-Starts its own API-only host on the CPU (A1111 or Forge: the test tiers' servers) in a temporary data dir with that
-tier's tiny random SD1 model and its five test LoRAs (A1111: mlA/mlB/mlC/mlLocon/mlLoha; Forge:
-mlA/mlB/mlC/mlLoha/mlFull), then runs N generations with a seeded random draw of: method (off, Switch, Composite),
-τ, a subset of 0-4 of the LoRAs, batch size 1-2, hires fix on/off, and an interrupt (POST /sdapi/v1/interrupt from a
-timer thread after a short random delay) for some of them.
+Starts its own API-only host on the CPU (A1111, Forge or reForge: the test tiers' servers) in a temporary data dir
+with that tier's tiny random SD1 model and its five test LoRAs (A1111: mlA/mlB/mlC/mlLocon/mlLoha; Forge and reForge:
+mlA/mlB/mlC/mlLoha/mlFull; ``--sdxl``: the Forge tier's SDXL model and mlxA/mlxB/mlxB_te1/mlxB_te2), then runs N
+generations with a seeded random draw of: method (off, Switch, Composite), τ, a subset of 0-4 of the LoRAs, batch
+size 1-2, hires fix on/off, and an interrupt (POST /sdapi/v1/interrupt from a timer thread after a short random
+delay) for some of them.
 
 After each generation:
 - forward hooks on the UNet and text encoder are as many as at startup (a pass's hooks never outlive it);
@@ -14,10 +15,11 @@ After each generation:
   be bit-identical to the cached plain image.
 A generation failing any of these counts as one leak. Errors: non-2xx answers and tracebacks in the server log
 (except the known startup report that ``server.tracebacks`` leaves out). The last line is exactly
-``soak: host=H generations=N leaks=L errors=E``; the exit code is 1 when L or E is not 0.
+``soak: host=H model=M generations=N leaks=L errors=E``; the exit code is 1 when L or E is not 0.
 
     eval "$(python3 -m tests.hosts setup a1111)"; "$SD_WEBUI_PYTHON" bench/soak.py --generations 200 [--seed 0]
-    eval "$(python3 -m tests.hosts setup forge)"; "$SD_FORGE_PYTHON" bench/soak.py --host forge
+    eval "$(python3 -m tests.hosts setup forge)"; "$SD_FORGE_PYTHON" bench/soak.py --host forge [--sdxl]
+    eval "$(python3 -m tests.hosts setup reforge)"; "$SD_REFORGE_PYTHON" bench/soak.py --host reforge [--sdxl]
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ from tests.webui.server import DEFAULT_TXT2IMG, WebuiClient, WebuiServer, traceb
 TITLE = "Multi-LoRA Composition"
 PROMPT = "a photo of a cat"
 #: Each tier's five test LoRAs: plain ones, and the types each host runs on its dense path.
-LORAS = {"a1111": ("mlA", "mlB", "mlC", "mlLocon", "mlLoha"), "forge": ("mlA", "mlB", "mlC", "mlLoha", "mlFull")}
+LORAS = {
+    "a1111": ("mlA", "mlB", "mlC", "mlLocon", "mlLoha"),
+    "forge": ("mlA", "mlB", "mlC", "mlLoha", "mlFull"),
+    "reforge": ("mlA", "mlB", "mlC", "mlLoha", "mlFull"),
+}
+#: The Forge tier's SDXL LoRAs (``--sdxl``): two on the UNet and both text encoders, and one text encoder's part each.
+SDXL_LORAS = ("mlxA", "mlxB", "mlxB_te1", "mlxB_te2")
 METHODS = ("off", "Switch", "Composite")
 PLAIN: dict[str, Any] = {**DEFAULT_TXT2IMG, "steps": 6, "seed": 7}
 HIRES: dict[str, Any] = {
@@ -54,6 +62,8 @@ HIRES: dict[str, Any] = {
     "denoising_strength": 0.5,
     "hr_upscaler": "Latent",
 }
+#: Forge's API leaves it None, which its hires pass cannot read ("'Use same choices' not in None": HTTP 500).
+HIRES_EXTRA: dict[str, dict[str, Any]] = {"forge": {"hr_additional_modules": ["Use same choices"]}}
 INTERRUPT_SHARE = 0.2
 
 
@@ -78,7 +88,7 @@ class Draw:
     def prompt(self) -> str:
         return " ".join([PROMPT, *(f"<lora:{name}:1>" for name in self.loras)])
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self, hires_extra: dict[str, Any]) -> dict[str, Any]:
         args = [self.method != "off", "Switch" if self.method == "off" else self.method, self.tau, ""]
         return {
             **DEFAULT_TXT2IMG,
@@ -86,7 +96,7 @@ class Draw:
             "steps": self.steps,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            **(HIRES if self.hires else {}),
+            **({**HIRES, **hires_extra} if self.hires else {}),
             "alwayson_scripts": {TITLE: {"args": args}},
         }
 
@@ -126,8 +136,8 @@ class Outcome:
 class Soak:
     """The server, its client and the per-prompt plain references."""
 
-    def __init__(self, server: WebuiServer) -> None:
-        self.server = server
+    def __init__(self, server: WebuiServer, hires_extra: dict[str, Any]) -> None:
+        self.server, self.hires_extra = server, hires_extra
         self.client = WebuiClient(server, timeout=600)
         self.references: dict[str, tuple[dict[str, Any], Any]] = {}
         self.hooks = self.reference(PROMPT)[0]["hooks"]
@@ -162,7 +172,7 @@ class Soak:
         mark = self.server.log_mark()
         if timer is not None:
             timer.start()
-        response = self.client.request("POST", "/sdapi/v1/txt2img", json=d.payload())
+        response = self.client.request("POST", "/sdapi/v1/txt2img", json=d.payload(self.hires_extra))
         landed = interrupted.is_set()
         if timer is not None:
             timer.cancel()
@@ -188,9 +198,10 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def start_server(host: str, work: Path, webui_dir: Path) -> WebuiServer:
-    """The host's API-only server on the tier's model and LoRAs, built with this python, started and ready."""
-    ckpt, lora_dir = build_assets(host, webui_dir, sys.executable, work / "models")
+def start_server(host: str, work: Path, webui_dir: Path, sdxl: bool) -> WebuiServer:
+    """The host's API-only server on the tier's model and LoRAs (``sdxl``: the Forge tier's SDXL ones), built with
+    this python, started and ready."""
+    ckpt, lora_dir = build_assets(host, webui_dir, sys.executable, work / "models", sdxl=sdxl)
     server = host_server(host, webui_dir, sys.executable, ckpt, lora_dir, work / "data")
     server.start()
     try:
@@ -207,21 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (same seed, same soak)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir (server log) at the end")
     parser.add_argument("--host", choices=sorted(LORAS), default="a1111", help="run with that host's python")
+    parser.add_argument("--sdxl", action="store_true", help="the Forge tier's SDXL model (forge, reforge)")
     args = parser.parse_args(argv)
+    if args.sdxl and args.host == "a1111":
+        parser.error("--sdxl: the SDXL model is the Forge tier's (--host forge or reforge)")
     recipe = RECIPES[args.host]
     webui_dir = os.environ.get(recipe.dir_var, "").strip()
     if not webui_dir:
         parser.error(f"set {recipe.dir_var} to the checkout (python3 -m tests.hosts setup {args.host})")
     work = Path(tempfile.mkdtemp(prefix="multilora-soak-"))
     log(f"building assets and starting {args.host} in {work}")
-    server = start_server(args.host, work, Path(webui_dir))
+    server = start_server(args.host, work, Path(webui_dir), args.sdxl)
+    loras = SDXL_LORAS if args.sdxl else LORAS[args.host]
     rng = random.Random(args.seed)
     leaks = errors = interrupts = 0
     try:
-        soak = Soak(server)
+        soak = Soak(server, HIRES_EXTRA.get(args.host, {}))
         started = time.monotonic()
         for i in range(1, args.generations + 1):
-            d = draw(rng, LORAS[args.host])
+            d = draw(rng, loras)
             outcome = soak.run(d)
             leaks += bool(outcome.leaks)
             errors += len(outcome.errors)
@@ -239,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work} (server log: {server.log_path})")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"soak: host={args.host} generations={args.generations} leaks={leaks} errors={errors}", flush=True)
+    model = "sdxl" if args.sdxl else "sd1"
+    totals = f"generations={args.generations} leaks={leaks} errors={errors}"
+    print(f"soak: host={args.host} model={model} {totals}", flush=True)
     return 1 if leaks or errors else 0
 
 

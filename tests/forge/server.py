@@ -128,9 +128,12 @@ def neighbours_dir_from_env(host: str = HOST) -> Path | None:
     return Path(value) if value else None
 
 
-def build_assets(forge_dir: Path, out_dir: Path, seed: int = 0, python: str | None = None) -> dict[str, Any]:
-    """Run ``tiny_model.py`` with the host's python (``python``, default :func:`forge_python`: it imports the host's
-    model classes, which the test process must not); return its manifest."""
+def build_assets(
+    forge_dir: Path, out_dir: Path, seed: int = 0, python: str | None = None, sdxl: bool = False
+) -> dict[str, Any]:
+    """Run ``tiny_model.py`` (``--sdxl``: the SDXL model and its LoRAs) with the host's python (``python``, default
+    :func:`forge_python`: it imports the host's model classes, which the test process must not); return its
+    manifest."""
     log = out_dir / "build.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -141,6 +144,7 @@ def build_assets(forge_dir: Path, out_dir: Path, seed: int = 0, python: str | No
         str(forge_dir),
         "--seed",
         str(seed),
+        *(["--sdxl"] if sdxl else []),
     ]
     with open(log, "wb") as fh:
         done = subprocess.run(command, cwd=forge_dir, env=server_env(), stdout=fh, stderr=subprocess.STDOUT)

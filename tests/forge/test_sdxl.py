@@ -14,9 +14,7 @@ keeps the last conds only), most of this module's time: consecutive tests share 
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from hosts.tier import assert_no_trace, snapshot
-from webui.server import SAME, assert_noise_floor, max_diff, mean_diff, server_env, trace
+from webui.server import SAME, assert_noise_floor, max_diff, mean_diff, trace
 
 from .helpers import DIFFERENT, PROMPT, ml, multilora
-from .server import HERE, REFORGE, SKIP_REASON, START_TIMEOUT, forge_dir_from_env, forge_python, tracebacks
+from .server import REFORGE, SKIP_REASON, START_TIMEOUT, build_assets, forge_dir_from_env, tracebacks
 from .tiny_model import SDXL_NAME
 
 if TYPE_CHECKING:
@@ -65,17 +63,6 @@ def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:
     return forge.txt2img(prompt=prompt, **{"steps": STEPS, "cfg_scale": 1, **extra})
 
 
-def build_sdxl(forge_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """``tiny_model.py --sdxl`` with Forge's python, as ``server.build_assets`` runs it for the SD1 model."""
-    log = out_dir / "build.log"
-    command = [forge_python(), str(HERE / "tiny_model.py"), str(out_dir), "--forge", str(forge_dir), "--sdxl"]
-    with open(log, "wb") as fh:
-        done = subprocess.run(command, cwd=forge_dir, env=server_env(), stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise RuntimeError(f"building the tiny SDXL model failed ({done.returncode}):\n{log.read_text()[-4000:]}")
-    return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-
-
 def assert_loaded(log: str, name: str, n_unet: int, n_te: int) -> None:
     """The host's log says it patched ``n_unet`` UNet and ``n_te`` text-encoder weights from LoRA ``name`` and
     skipped none (Forge: a line per part; reForge: one line with both counts, a warning per key left out)."""
@@ -97,7 +84,7 @@ def sdxl(
     the current model; afterwards switch back to the session's checkpoint (loading it: later modules expect the SD1
     model in memory), unlink the files and refresh the lists. The client waits as long as for a server start
     meanwhile: loading, or merging and encoding with a new LoRA set, outlasts its 60 s on a busy 2-core machine."""
-    manifest = build_sdxl(forge_dir, tmp_path_factory.mktemp("forge-sdxl"))
+    manifest = build_assets(forge_dir, tmp_path_factory.mktemp("forge-sdxl"), sdxl=True)
     built = [Path(manifest["ckpt"]), *(Path(lora["path"]) for lora in manifest["loras"].values())]
     links = [forge_assets.ckpt.parent / built[0].name, *(forge_assets.lora_dir / path.name for path in built[1:])]
     previous, timeout = forge.get("/sdapi/v1/options")["sd_model_checkpoint"], forge.timeout

@@ -28,12 +28,15 @@ from forge.server import build_assets as build_forge_assets  # noqa: E402
 from webui.server import REPO_ROOT, WebuiServer, free_port, server_env  # noqa: E402
 
 
-def build_assets(name: str, webui_dir: Path, python: str, folder: Path) -> tuple[Path, Path]:
-    """Build host ``name``'s tier's tiny model and its LoRAs (mlA, mlB, ... as that tier's fixtures do) into
-    ``folder`` with the host's ``python``; return the checkpoint and the LoRA folder."""
+def build_assets(name: str, webui_dir: Path, python: str, folder: Path, sdxl: bool = False) -> tuple[Path, Path]:
+    """Build host ``name``'s tier's tiny model and its LoRAs (mlA, mlB, ... as that tier's fixtures do; ``sdxl``:
+    the Forge tier's SDXL model, mlxA, mlxB...) into ``folder`` with the host's ``python``; return the checkpoint and
+    the LoRA folder."""
     if name in FORGE_HOSTS:
-        manifest = build_forge_assets(webui_dir, folder, python=python)
+        manifest = build_forge_assets(webui_dir, folder, python=python, sdxl=sdxl)
         return Path(manifest["ckpt"]), Path(manifest["lora_dir"])
+    if sdxl:
+        raise ValueError(f"no SDXL assets for {name} here (the Forge tier's builder makes them)")
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "build.log"
     command = [python, "-m", "tests.webui.tiny_lora", str(folder), "--webui-dir", str(webui_dir)]
