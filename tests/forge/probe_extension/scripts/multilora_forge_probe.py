@@ -119,10 +119,22 @@ def reforge_files(patcher: Any) -> list[tuple[str, set[int]]]:
 
 
 def merged(roots: dict[str, torch.nn.Module]) -> list[Any]:
-    """What each model's weights have merged: Forge's loader hash, reForge's patches uuid."""
-    if REFORGE:
-        return [str(getattr(root, "current_weight_patches_uuid", None)) for root in roots.values()]
-    return [root.lora_loader.loaded_hash for root in roots.values()]
+    """What each model's weights have merged: Forge's loader hash; on reForge, whose patcher's patches (by role:
+    the current ``forge_objects``' one, the next generation's, the original without LoRAs; ``"none"``, or
+    ``"other"`` for any other patcher, e.g. a pass's clone). reForge gives a patcher a new ``patches_uuid`` each time
+    it applies the LoRAs, so the uuid itself changes with every change of prompt."""
+    if not REFORGE:
+        return [root.lora_loader.loaded_hash for root in roots.values()]
+    model = shared.sd_model
+    sets = (("current", model.forge_objects), ("next", model.forge_objects_after_applying_lora))
+    sets += (("original", model.forge_objects_original),)
+    roles = []
+    for part, root in roots.items():
+        uuid = getattr(root, "current_weight_patches_uuid", None)
+        patchers = [(role, objects.unet if part == "unet" else objects.clip.patcher) for role, objects in sets]
+        found = [role for role, patcher in patchers if uuid is not None and patcher.patches_uuid == uuid]
+        roles.append("+".join(found) or ("none" if uuid is None else "other"))
+    return roles
 
 
 def wrappers(patcher: Any) -> int:
