@@ -12,7 +12,8 @@ class Recipe:
     the line that stands in for it (an empty line drops it); ``extra`` are requirements added to the host's own;
     ``tier`` are the test tier's own packages, installed with the host's versions as constraints; ``neighbours``
     are globs of the extensions users run beside ours, unpacked for the tier's neighbour tests (the webui runs no
-    ``install.py`` under ``--skip-install``: their ``requirements.txt`` are installed, with ``neighbour_pins``)."""
+    ``install.py`` under ``--skip-install``: their ``requirements.txt`` are installed, with ``neighbour_pins`` as
+    constraints, and ``neighbour_needs``, what an ``install.py`` without a ``requirements.txt`` would install)."""
 
     name: str
     tarball: str
@@ -23,11 +24,17 @@ class Recipe:
     tier: tuple[str, ...] = ("pytest>=8", "requests", "playwright")  # playwright: the browser tier
     neighbours: tuple[str, ...] = ()
     neighbour_pins: tuple[str, ...] = ()
+    neighbour_needs: tuple[str, ...] = ()
 
 
 #: Every recipe: CPU torch from this machine's wheel, setuptools new enough to build today's sdists but below 81
 #: (lightning_fabric still imports pkg_resources).
 COMMON_REPLACE = (("torch", ""), ("setuptools", "setuptools>=77.0.3,<81"))
+#: ADetailer on every host: its install.py asks for mediapipe 0.10.13-0.10.15 (protobuf 4), the webuis pin protobuf
+#: 3.20.0; 0.10.11 installs beside it and detects the same (../shared/hosts/README.md). Its script imports rich.
+#: ultralytics is imported only when a YOLO model runs: the tiers use mediapipe's detectors, which ship in its wheel.
+ADETAILER = "adetailer-*.tar.gz"
+ADETAILER_NEEDS = ("mediapipe==0.10.11", "rich>=13")
 
 RECIPES: dict[str, Recipe] = {
     "a1111": Recipe(
@@ -42,8 +49,10 @@ RECIPES: dict[str, Recipe] = {
             "sd-webui-controlnet-*.tar.gz",
             "sd-webui-lora-block-weight-*.tar.gz",
             "sd-webui-regional-prompter-*.tar.gz",
+            ADETAILER,
         ),
         neighbour_pins=("mediapipe<0.10.30",),  # newer ones lack mp.solutions, which controlnet_aux imports
+        neighbour_needs=ADETAILER_NEEDS,
     ),
     "forge": Recipe(
         name="forge",
@@ -52,7 +61,8 @@ RECIPES: dict[str, Recipe] = {
         python_var="SD_FORGE_PYTHON",
         replace=COMMON_REPLACE,
         extra=("joblib",),  # else Forge turns its soft-inpainting script off
-        neighbours=("sd-webui-lora-block-weight-*.tar.gz",),  # its ControlNet is built in
+        neighbours=("sd-webui-lora-block-weight-*.tar.gz", ADETAILER),  # its ControlNet is built in
+        neighbour_needs=ADETAILER_NEEDS,
     ),
     "reforge": Recipe(
         name="reforge",
@@ -62,6 +72,7 @@ RECIPES: dict[str, Recipe] = {
         # its pydantic is a wheel on GitHub (a URL line): the same version from PyPI
         replace=(*COMMON_REPLACE, ("pydantic", "pydantic==1.10.15")),
         extra=("clip-anytorch", "joblib"),
-        neighbours=("sd-webui-lora-block-weight-*.tar.gz",),  # its ControlNet is built in
+        neighbours=("sd-webui-lora-block-weight-*.tar.gz", ADETAILER),  # its ControlNet is built in
+        neighbour_needs=ADETAILER_NEEDS,
     ),
 }

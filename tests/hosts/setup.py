@@ -165,6 +165,7 @@ def build(recipe: Recipe, folder: Path, source: Path, log: Path) -> Host:
         extension = unpack(recipe, tarball(pattern), neighbours_dir)
         if (extension / "requirements.txt").is_file():
             needs += ["-r", str(extension / "requirements.txt")]
+    needs += recipe.neighbour_needs
     venv = folder / "venv"
     _run("creating the venv", recipe, [VENV_PYTHON, "-m", "venv", str(venv)], log)
     python = venv / "bin" / "python"
