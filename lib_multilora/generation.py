@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import neighbours
+from . import neighbours, nesting
 from .args import MERGE, MIXING, ArgsError, MultiLoraArgs, label_of
 from .engine import Delta, HookEngine, LowRankDelta, build_engine
 from .inner import MethodInner, runs_batched
@@ -85,10 +85,24 @@ class Host(Protocol):
 
 def begin(p: Any, script_args: tuple, host: Host) -> None:
     """Once per generation, from the script's ``process``: wrap ``p``'s methods for ``host`` (:func:`adopt`), end a
-    pass left over on this ``p``, read the args."""
+    pass left over on this ``p``, read the args. A pass nested in a generation (:mod:`nesting`: ADetailer's) runs
+    with that generation's X/Y/Z cell and tells it its warnings; a copy of an adopted ``p`` is no nested pass."""
+    owner = vars(p).get("multilora_owner")
+    outer = nesting.enclosing(p) if owner is None or owner is p else None  # by identity: p's class compares fields
     adopt(p, {"close": partial(close_generation, host), "calculate_hr_conds": partial(before_hires_conds, host)})
     host.finish_pass(p)
+    if outer is not None:
+        p.multilora_enclosing = outer
     read_args(p, script_args)
+    nesting.link(p)
+
+
+def end(p: Any, host: Host) -> None:
+    """From the script's ``postprocess`` (also called by ADetailer on copies of ``p``, before its passes): the pass
+    is over; the generation's link only once it is really over (a copy's params are the generation's)."""
+    host.finish_pass(p)
+    if vars(p).get("multilora_owner") is p:
+        nesting.unlink(p)
 
 
 def close_generation(host: Host, p: Any) -> None:
@@ -97,6 +111,17 @@ def close_generation(host: Host, p: Any) -> None:
         host.finish_pass(p)
     finally:
         restore_text_encoder(p, host)
+        nesting.unlink(p)
+
+
+def note_nested_pass(p: Any) -> None:
+    """From every extra-network activation (the webui activates ours in every pass, nested ones included): a pass
+    nested in a generation that runs a method, made without Multi-LoRA, is said in that generation's infotext."""
+    if "multilora_owner" in vars(p):  # Multi-LoRA runs in this pass (or in the one it is a copy of)
+        return
+    outer = nesting.enclosing(p)
+    if outer is not None and outer.extra_generation_params.get(label_of("method"), MERGE) != MERGE:
+        warn(outer, neighbours.ran_without_us(p))
 
 
 def before_hires_conds(host: Host, p: Any) -> None:
@@ -134,13 +159,14 @@ def read_args(p: Any, script_args: tuple) -> None:
             setattr(p, attr, [c[0] for c in cleaned])
             for message in dict.fromkeys(w for c in cleaned for w in c[1]):
                 warn(p, message)
-    override = getattr(p, "multilora_override", None)  # set by X/Y/Z axes
+    cell = vars(p).get("multilora_enclosing", p)  # a nested pass runs as its generation's X/Y/Z cell says
+    override = getattr(cell, "multilora_override", None)  # set by X/Y/Z axes
     if override:
         try:
             p.multilora_args = MultiLoraArgs.from_dict({**vars(p.multilora_args), **override})
         except ArgsError as e:
             warn(p, f"bad X/Y/Z value: {e}")
-    if getattr(p, "multilora_cell_is_merge", False):
+    if getattr(cell, "multilora_cell_is_merge", False):
         p.extra_generation_params[label_of("method")] = MERGE
 
 
@@ -198,7 +224,8 @@ def unwrap_method(p: Any, name: str) -> None:
 
 
 def warn(p: Any, message: str) -> None:
-    """Tell the user in the infotext and the console, once per generation; never raise."""
+    """Tell the user in the infotext and the console, once per generation; never raise. A nested pass's infotext is
+    thrown away (ADetailer keeps only its image): its warnings go to its generation's too."""
     warnings = vars(p).setdefault("multilora_warnings", [])
     if message in warnings:
         return
@@ -207,6 +234,9 @@ def warn(p: Any, message: str) -> None:
     log.warning(text)
     p.comment(text)
     p.extra_generation_params[WARNING_LABEL] = "; ".join(warnings)
+    outer = vars(p).get("multilora_enclosing")
+    if outer is not None:
+        warn(outer, f"{neighbours.nested_pass(p)}: {message}")
 
 
 def effective_args(p: Any) -> MultiLoraArgs | None:

@@ -9,6 +9,9 @@ them or is refused for that generation, with the extension named.
 - Regional Prompter (hako-mikan): attention mode patches the cross-attention layers and divides each call's rows by
   the batch size it read in ``process``; latent mode (and its prompt mode under Composite) applies or reads the
   LoRAs per region itself.
+- ADetailer (Bing-su): re-paints each face it finds in an img2img pass of its own, nested in the generation
+  (:mod:`nesting`), marked ``p._ad_inner``; only the always-on scripts named in its settings run there, matched by
+  file stem.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ RP = "Regional Prompter"
 LBW_STEP_ITEMS = ("start=", "stop=", "step=")
 #: The extra networks LBW reads its items from.
 LORA_NETWORKS = ("lora", "lyco")
+ADETAILER = "ADetailer"
+#: What ADetailer's "Script names to apply to ADetailer" must name for Multi-LoRA to run in its pass: the entry
+#: script's file stem (scripts/multilora.py).
+SCRIPT_STEM = "multilora"
 
 
 def alwayson_script(p: Any, title: str) -> Any | None:
@@ -82,3 +89,19 @@ def splits_batch(p: Any) -> str | None:
     if regional_prompter(p) is not None:
         return f"{RP}'s attention mode divides each call's rows by the batch size inside the UNet"
     return None
+
+
+def nested_pass(p: Any) -> str:
+    """What to call a pass nested in a generation (:mod:`nesting`), for the user."""
+    return f"{ADETAILER}'s detail pass" if getattr(p, "_ad_inner", False) else "a pass another extension ran inside it"
+
+
+def ran_without_us(p: Any) -> str:
+    """What the generation's infotext says of a nested pass Multi-LoRA did not run in, and how to include it."""
+    if not getattr(p, "_ad_inner", False):
+        return f"{nested_pass(p)} ran with every LoRA merged (Multi-LoRA did not run in it)"
+    return (
+        f"{nested_pass(p)} ran with every LoRA merged: Multi-LoRA runs there only when Settings > {ADETAILER} > "
+        f"'Script names to apply to {ADETAILER}' names {SCRIPT_STEM} (or 'Apply only selected scripts' is off; a tab "
+        "with an ADetailer ControlNet model on Forge runs ControlNet alone)"
+    )

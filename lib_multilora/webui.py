@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import generation
 from .tags import TAG_NAME
 
 #: How many times the webui has activated extra networks (our tag network's ``activate`` runs in each activation).
@@ -25,6 +26,7 @@ def tag_network() -> Any:
             global activations
             activations += 1
             p.multilora_tags = [list(map(str, params.items)) for params in params_list]
+            generation.note_nested_pass(p)
 
         def deactivate(self, p: Any) -> None:
             pass

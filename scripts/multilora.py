@@ -68,7 +68,7 @@ class MultiLoraScript(scripts.Script):
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         if UNAVAILABLE is None:
-            HOST.finish_pass(p)
+            generation.end(p, HOST)
 
 
 script_callbacks.on_before_ui(webui.register_tag_network)

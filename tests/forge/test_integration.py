@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_no_trace, axis_index, snapshot, xyz_args
 from webui.server import SAME, max_diff, mean_diff, trace
 
 from .helpers import (
@@ -77,20 +77,8 @@ def test_bad_api_args_are_reported_and_the_image_is_plain(forge: WebuiClient) ->
         assert "bad script args" in result.infotext and "Multi-LoRA method" not in result.infotext
 
 
-def xyz_args(x_type: int, x_values: str) -> list[Any]:
-    """x/y/z plot's positional args (its ui() order, the same on Forge): X axis only, legend, sub images. reForge's
-    has three more after the legend: individual labels, skip the grid, items per grid (off, off, 0)."""
-    legend = [True, *((False, False, 0) if REFORGE else ())]
-    return [x_type, x_values, None, 0, "", None, 0, "", None, *legend, True, False, False, False, False, False, 0, True]
-
-
-def axis_index(forge: WebuiClient, label: str) -> int:
-    info = next(s for s in forge.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    return next(a["choices"] for a in info["args"] if a["label"] == "X type").index(label)
-
-
 def test_xyz_method_axis_puts_merge_switch_composite_side_by_side(forge: WebuiClient) -> None:
-    script_args = xyz_args(axis_index(forge, "[Multi-LoRA] Method"), "Merge, Switch, Composite")
+    script_args = xyz_args(axis_index(forge, "[Multi-LoRA] Method"), "Merge, Switch, Composite", REFORGE)
     result = forge.txt2img(prompt=AB, steps=STEPS, script_name="x/y/z plot", script_args=script_args)
     assert len(result.images) == 4  # the grid, then each cell
     cells = result.info["infotexts"][1:]
@@ -104,7 +92,7 @@ def test_xyz_method_axis_puts_merge_switch_composite_side_by_side(forge: WebuiCl
 
 
 def test_xyz_tau_axis(forge: WebuiClient) -> None:
-    script_args = xyz_args(axis_index(forge, "[Multi-LoRA] Switch τ"), f"1, {STEPS}")
+    script_args = xyz_args(axis_index(forge, "[Multi-LoRA] Switch τ"), f"1, {STEPS}", REFORGE)
     result = forge.txt2img(
         prompt=f"{AB} <multilora:switch>", steps=STEPS, script_name="x/y/z plot", script_args=script_args
     )

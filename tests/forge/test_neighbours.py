@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_no_trace, interrupted, snapshot
 from webui.server import SAME, assert_noise_floor, encode_image, max_diff, mean_diff, server_env, trace
 
 from .helpers import AB, DIFFERENT, PROMPT, gen, ml, multidiffusion
@@ -205,25 +203,10 @@ def test_controlnet_batched_equals_sequential_the_mean_of_passes_with_the_contro
 
 def test_controlnet_interrupted_composite_leaves_no_trace(forge: WebuiClient, controlnet: str) -> None:
     """A Composite generation with a unit, interrupted mid-sampling, leaves the model as a plain one leaves it."""
-    from webui.server import WebuiClient
-
     cn = {CN: {"args": [controlnet_unit(controlnet)]}}
     before = snapshot(forge, lambda: run(forge, AB, cn))
-    generation = forge.get("/multilora-probe/progress")["generation"]
-    with ThreadPoolExecutor(1) as pool:
-        background = WebuiClient(forge.server, timeout=600)
-        body = scripts(cn, ml(method="Composite"))
-        future = pool.submit(background.txt2img, prompt=AB, steps=LONG_STEPS, **body)
-        deadline = time.monotonic() + 120
-        while not future.done() and time.monotonic() < deadline:
-            progress = forge.get("/multilora-probe/progress")
-            if progress["generation"] > generation and progress["calls"] >= 3:
-                break
-            time.sleep(0.02)
-        forge.post("/sdapi/v1/interrupt")
-        result = future.result(timeout=600)
-        background.close()
-    assert 3 <= len(trace(forge)) < LONG_STEPS, "the interrupt landed mid-sampling"
+    body = scripts(cn, ml(method="Composite"))
+    result = interrupted(forge, lambda client: client.txt2img(prompt=AB, steps=LONG_STEPS, **body), LONG_STEPS)
     assert "Multi-LoRA method: Composite" in result.infotext
     assert_no_trace(forge, lambda: run(forge, AB, cn), before)
 

@@ -7,13 +7,11 @@ loaded networks), and the next plain image is bit-identical.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_no_trace, interrupted, snapshot
 from webui.server import DEFAULT_TXT2IMG, SAME, WebuiClient, max_diff, mean_diff, trace
 
 from .helpers import (
@@ -68,20 +66,9 @@ def test_finished_generation(forge: WebuiClient) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_interrupt_mid_pass(forge: WebuiClient, method: str) -> None:
     before = snapshot(forge, plain(forge))
-    generation = forge.get("/multilora-probe/progress")["generation"]
-    with ThreadPoolExecutor(1) as pool:
-        background = WebuiClient(forge.server, timeout=600)
-        future = pool.submit(background.txt2img, prompt=AB, steps=LONG_STEPS, **multilora(method, tau=1))
-        deadline = time.monotonic() + 120
-        while not future.done() and time.monotonic() < deadline:
-            progress = forge.get("/multilora-probe/progress")
-            if progress["generation"] > generation and progress["calls"] >= 3:
-                break
-            time.sleep(0.02)
-        forge.post("/sdapi/v1/interrupt")
-        result = future.result(timeout=600)
-        background.close()
-    assert 3 <= len(trace(forge)) < LONG_STEPS, "the interrupt landed mid-sampling"
+    result = interrupted(
+        forge, lambda client: client.txt2img(prompt=AB, steps=LONG_STEPS, **multilora(method, tau=1)), LONG_STEPS
+    )
     assert f"Multi-LoRA method: {method}" in result.infotext
     assert_no_trace(forge, plain(forge), before)
 

@@ -7,7 +7,9 @@ Only the standard library and pytest at module level, so collecting a tier never
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,10 @@ class Server(Protocol):
 
 
 class Client(Protocol):
+    server: Any
+
     def get(self, path: str) -> Any: ...
+    def post(self, path: str, json: Any = None) -> Any: ...
     def log_mark(self) -> int: ...
     def log_text(self, since: int = 0) -> str: ...
 
@@ -129,3 +134,45 @@ def assert_no_trace(client: Client, run: Callable[[], Any], before: Snapshot) ->
     for new, old in zip(again.images, before.images, strict=True):
         assert max_diff(new, old) == 0, "the next plain generation differs"
     assert fingerprint(client) == before.fingerprint, "the next plain generation changed the state"
+
+
+def interrupted(client: Client, run: Callable[[Any], Any], steps: int) -> Any:
+    """``run`` (a generation whose Multi-LoRA pass has ``steps`` steps) on a second client of the same server,
+    interrupted once a pass of it has made a few calls (the probes' progress counter, which restarts at every pass's
+    ``process``); its result, after checking that the interrupt landed mid-sampling."""
+    from webui.server import WebuiClient, trace
+
+    generation = client.get("/multilora-probe/progress")["generation"]
+    background = WebuiClient(client.server, timeout=600)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run, background)
+        deadline = time.monotonic() + 120
+        while not future.done() and time.monotonic() < deadline:
+            progress = client.get("/multilora-probe/progress")
+            if progress["generation"] > generation and progress["calls"] >= 3:
+                break
+            time.sleep(0.02)
+        client.post("/sdapi/v1/interrupt")
+        result = future.result(timeout=600)
+    background.close()
+    assert 3 <= len(trace(client)) < steps, "the interrupt landed mid-sampling"
+    return result
+
+
+# --- the X/Y/Z plot, as every tier's tests send it -----------------------------------------------------------------
+
+
+def xyz_args(x_type: int, x_values: str, reforge: bool = False) -> list[Any]:
+    """x/y/z plot's positional args (its ui() order, the same on A1111 and Forge): X axis only, legend, sub images,
+    text values. reForge's has three more after the legend: individual labels, skip the grid, items per grid (off,
+    off, 0)."""
+    legend = [True, *((False, False, 0) if reforge else ())]
+    return [x_type, x_values, None, 0, "", None, 0, "", None, *legend, True, False, False, False, False, False, 0, True]
+
+
+def axis_index(client: Client, label: str, img2img: bool = False) -> int:
+    """The X type index of an X/Y/Z axis, as the API's script info lists its choices."""
+    info = next(
+        s for s in client.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and s["is_img2img"] == img2img
+    )
+    return next(a["choices"] for a in info["args"] if a["label"] == "X type").index(label)

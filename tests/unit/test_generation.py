@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_multilora import generation
+from lib_multilora import generation, nesting
 
 
 class Processing:
@@ -128,13 +128,19 @@ class Generation(Processing):
     def comment(self, text: str) -> None:
         self.comments.append(text)
 
+    # the webui's processing classes are dataclasses: a copy compares equal to its original (and none is hashable)
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 def test_begin_wraps_close_drops_stale_infotext_and_reads_the_args() -> None:
     host = RecordingHost([lora("alpha"), lora("beta")])
     p = Generation([])
     generation.begin(p, ({"enabled": True, "method": "Composite", "text_encoder": "First"},), host)
     assert host.calls == ["finish"], "a pass left over on this p is ended first"
-    assert p.extra_generation_params == {"Steps": 8}, "an earlier X/Y/Z cell's keys are gone"
+    assert p.extra_generation_params == {"Steps": 8, nesting.LINK_TEXT: None}, "an earlier X/Y/Z cell's keys are gone"
     assert (p.multilora_args.enabled, p.multilora_args.method) == (True, "Composite")
     p.calculate_hr_conds()
     assert host.calls[-2:] == ["plan", "mute beta"], "the hires conds get the text-encoder policy (not refused)"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import axis_index, xyz_args
 
 from .helpers import PROMPT, STEPS, TITLE, gen, require_tier
 from .server import max_diff, mean_diff, trace
-from .test_integration import axis_index, xyz_args
 
 if TYPE_CHECKING:
     from .server import WebuiClient

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import axis_index, xyz_args
 
 from .helpers import PROMPT, STEPS, gen, ml, require_tier
 from .server import SAME, assert_noise_floor, max_diff, mean_diff, trace
-from .test_integration import axis_index, xyz_args
 from .test_no_trace import HIRES, assert_no_trace, plain, snapshot
 
 if TYPE_CHECKING:

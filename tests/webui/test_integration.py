@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
+from hosts.tier import axis_index, xyz_args
 
 from .helpers import PROMPT, STEPS, TITLE, gen, ml, require_tier
 from .server import assert_noise_floor, max_diff, trace
@@ -34,17 +35,6 @@ def test_api_unknown_named_arg_is_reported(webui: WebuiClient) -> None:
     result = gen(webui, AB, **ml(method="Switch", bogus=1))
     assert max_diff(plain.image, result.image) == 0
     assert "bad script args" in result.infotext and "bogus" in result.infotext
-
-
-def xyz_args(x_type: int, x_values: str) -> list[Any]:
-    """x/y/z plot's positional args (its ui() order): X axis only, legend, sub images, text values."""
-    return [x_type, x_values, None, 0, "", None, 0, "", None, True, True, False, False, False, False, False, 0, True]
-
-
-def axis_index(webui: WebuiClient, label: str) -> int:
-    info = next(s for s in webui.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    choices = next(a["choices"] for a in info["args"] if a["label"] == "X type")
-    return choices.index(label)
 
 
 def test_xyz_method_axis_puts_merge_switch_composite_side_by_side(webui: WebuiClient) -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_no_trace, interrupted, snapshot
 
 from .conftest import TIER
 from .helpers import PROMPT, STEPS, TITLE, gen, require_tier
@@ -317,23 +315,5 @@ def test_no_trace_after_controlled_passes_finished_or_interrupted(neighbours: We
     before = snapshot(neighbours, plain)
     controlled(neighbours, controlnet, two, ml(method="Switch", tau=1))
     assert_no_trace(neighbours, plain, before)
-    interrupted(neighbours, lambda client: controlled(client, controlnet, two, ml(method="Composite"), steps=200))
+    interrupted(neighbours, lambda client: controlled(client, controlnet, two, ml(method="Composite"), steps=200), 200)
     assert_no_trace(neighbours, plain, before)
-
-
-def interrupted(client: WebuiClient, run: Callable[[WebuiClient], Result]) -> None:
-    """``run`` on a second client, interrupted once its pass has made a few calls."""
-    generation = client.get("/multilora-probe/progress")["generation"]
-    background = WebuiClient(client.server, timeout=600)
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(run, background)
-        deadline = time.monotonic() + 120
-        while not future.done() and time.monotonic() < deadline:
-            progress = client.get("/multilora-probe/progress")
-            if progress["generation"] > generation and progress["calls"] >= 3:
-                break
-            time.sleep(0.02)
-        client.post("/sdapi/v1/interrupt")
-        future.result(timeout=600)
-    background.close()
-    assert 3 <= len(trace(client)) < 200, "the interrupt landed mid-sampling"

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import re
 import struct
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_no_trace, interrupted, snapshot
 
 from .helpers import PROMPT, STEPS, TITLE, gen, multilora, require_tier
 from .server import DEFAULT_TXT2IMG, WebuiClient, max_diff, mean_diff, trace, tracebacks
@@ -64,21 +62,9 @@ def plain(webui: WebuiClient, prompt: str = AB, **extra: Any) -> Callable[[], Re
 @pytest.mark.parametrize("method", METHODS)
 def test_interrupt_mid_pass(webui: WebuiClient, method: str) -> None:
     before = snapshot(webui, plain(webui))
-    generation = webui.get("/multilora-probe/progress")["generation"]
-    with ThreadPoolExecutor(1) as pool:
-        background = WebuiClient(webui.server, timeout=600)
-        future = pool.submit(background.txt2img, prompt=AB, steps=LONG_STEPS, **multilora(method, tau=1))
-        deadline = time.monotonic() + 120
-        while not future.done() and time.monotonic() < deadline:
-            progress = webui.get("/multilora-probe/progress")
-            if progress["generation"] > generation and progress["calls"] >= 3:
-                break
-            time.sleep(0.02)
-        webui.post("/sdapi/v1/interrupt")
-        result = future.result(timeout=600)
-        background.close()
-    calls = trace(webui)
-    assert 3 <= len(calls) < LONG_STEPS, "the interrupt landed mid-sampling"
+    result = interrupted(
+        webui, lambda client: client.txt2img(prompt=AB, steps=LONG_STEPS, **multilora(method, tau=1)), LONG_STEPS
+    )
     assert f"Multi-LoRA method: {method}" in result.infotext
     assert_no_trace(webui, plain(webui), before)
 

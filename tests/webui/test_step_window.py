@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from hosts.tier import axis_index, xyz_args
 
 from .helpers import PROMPT, STEPS, gen, ml, require_tier
 from .server import assert_noise_floor, max_diff, mean_diff, trace
-from .test_integration import axis_index, xyz_args
 
 if TYPE_CHECKING:
     from .server import WebuiClient

@@ -52,10 +52,11 @@ def _mix_checks() -> Any:
     spec = importlib.util.spec_from_file_location("multilora_mix_checks", MIX_CHECKS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.mix_checks
+    return module
 
 
-mix_checks = _mix_checks()
+_shared = _mix_checks()
+mix_checks, starts_a_trace = _shared.mix_checks, _shared.starts_a_trace
 MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl", "is_sd3")
 
 
@@ -165,6 +166,8 @@ class MultiLoraTraceProbe(scripts.Script):
         return scripts.AlwaysVisible
 
     def process(self, p: Any, *args: Any) -> None:
+        if not starts_a_trace(p):
+            return
         calls: list[dict[str, Any]] = []
         LAST["calls"] = calls
 

@@ -1,5 +1,6 @@
-"""Test-only: what both tiers' trace probes check on a Composite or Spatial call, recomputed from fresh calls of the
-wrapper's inner model (not under scripts/, so no webui loads it as a script; the probes load it by its path)."""
+"""Test-only: what both tiers' trace probes share: what they check on a Composite or Spatial call, recomputed from
+fresh calls of the wrapper's inner model, and which ``process`` calls start a generation's trace (not under scripts/,
+so no webui loads it as a script; the probes load it by its path)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def mix_checks(wrapper: Any, active: list[int], call: tuple[tuple, dict], result
         out["cond_rows"] = rows.tolist()
         out["diff_vs_spatial"] = (expected - result.float()).abs().max().item()
     return out
+
+
+def starts_a_trace(p: Any) -> bool:
+    """Whether the probe's ``process`` on ``p`` starts a new trace: not on a copy of a ``p`` it already traced
+    (ADetailer calls every script's ``process`` on ``copy(p)`` after its passes, which sample nothing: the trace is
+    then still its last pass's)."""
+    traced = vars(p).get("multilora_traced")
+    if traced is not None and traced is not p:  # by identity: the webui's processing classes compare by fields
+        return False
+    p.multilora_traced = p
+    return True

@@ -30,10 +30,11 @@ def _mix_checks() -> Any:
     spec = importlib.util.spec_from_file_location("multilora_mix_checks", MIX_CHECKS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.mix_checks
+    return module
 
 
-mix_checks = _mix_checks()
+_shared = _mix_checks()
+mix_checks, starts_a_trace = _shared.mix_checks, _shared.starts_a_trace
 
 
 class MultiLoraTraceProbe(scripts.Script):
@@ -44,6 +45,8 @@ class MultiLoraTraceProbe(scripts.Script):
         return scripts.AlwaysVisible
 
     def process(self, p: Any, *args: Any) -> None:
+        if not starts_a_trace(p):
+            return
         calls: list[dict[str, Any]] = []
         LAST["calls"] = calls
 
