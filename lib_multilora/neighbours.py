@@ -9,6 +9,9 @@ them or is refused for that generation, with the extension named.
 - Regional Prompter (hako-mikan): attention mode patches the cross-attention layers and divides each call's rows by
   the batch size it read in ``process``; latent mode (and its prompt mode under Composite) applies or reads the
   LoRAs per region itself.
+- Mikubill's ControlNet (A1111; Forge and reForge have their own, computed once per model call): computes each
+  unit's control inside every UNet forward, from the UNet's input, the hint and the conds, with no LoRA in it, so
+  the passes Composite makes of one call may share it (:mod:`reuse`).
 - ADetailer (Bing-su): re-paints each face it finds in an img2img pass of its own, nested in the generation
   (:mod:`nesting`), marked ``p._ad_inner``; only the always-on scripts named in its settings run there, matched by
   file stem.
@@ -26,6 +29,7 @@ RP = "Regional Prompter"
 LBW_STEP_ITEMS = ("start=", "stop=", "step=")
 #: The extra networks LBW reads its items from.
 LORA_NETWORKS = ("lora", "lyco")
+CONTROLNET = "ControlNet"
 ADETAILER = "ADetailer"
 #: What ADetailer's "Script names to apply to ADetailer" must name for Multi-LoRA to run in its pass: the entry
 #: script's file stem (scripts/multilora.py).
@@ -89,6 +93,14 @@ def splits_batch(p: Any) -> str | None:
     if regional_prompter(p) is not None:
         return f"{RP}'s attention mode divides each call's rows by the batch size inside the UNet"
     return None
+
+
+def controlnet_models(p: Any) -> list[Any]:
+    """The control model of each ControlNet unit hooked into this generation's UNet (Mikubill's: the script's
+    ``latest_network``, set in its ``process``; two units may share one)."""
+    network = getattr(alwayson_script(p, CONTROLNET), "latest_network", None)
+    models = [getattr(param, "control_model", None) for param in getattr(network, "control_params", None) or ()]
+    return [m for m in models if m is not None]
 
 
 def nested_pass(p: Any) -> str:

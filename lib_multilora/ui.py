@@ -168,6 +168,9 @@ def on_ui_settings() -> None:
             MultiLoraArgs.execution, "Default Composite execution", gr.Radio, {"choices": list(EXECUTIONS)}
         ).info("Batched: one UNet call with the batch replicated per LoRA (faster on GPU, N× activation memory)"),
         "multilora_img2img": shared.OptionInfo(True, "Show the panel in img2img").needs_reload_ui(),
+        "multilora_controlnet_reuse": shared.OptionInfo(
+            True, "Reuse ControlNet's control across the passes of a Composite step (A1111)"
+        ).info("exact: the control sees no LoRA; off, each pass computes it again (N ControlNet runs per step)"),
     }
     for name, option in options.items():
         option.section = SECTION

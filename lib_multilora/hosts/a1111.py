@@ -26,6 +26,7 @@ from ..args import MIXING, MultiLoraArgs
 from ..engine import Delta, DenseDelta, HookEngine, LowRankDelta
 from ..generation import Plan, Resolved, prompt_name, report_unscheduled, unwrap_method, warn, wrap_method
 from ..inner import MethodInner, runs_batched
+from ..reuse import ReusedCalls
 from ..spatial import Spatial, StackedCondRows
 
 #: The built-in's layer names (``sd_key``, ``network_layer_mapping``) start with this in the UNet.
@@ -55,6 +56,7 @@ class Pass:
     model: nn.Module
     names: list[str]  # the composed LoRAs, by index
     activations: int  # the webui's extra-network activations when the pass began (webui.activations)
+    reused: list[nn.Module]  # the ControlNet models whose results a call's passes share (reuse_controlnet)
 
 
 def loaded_networks() -> list[Any]:
@@ -323,8 +325,19 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, o
         spatial=spatial_settings(p, resolved.args),
     )
     names = [prompt_name(n) for n in composed]
+    reused = reuse_controlnet(p) if resolved.args.method in MIXING else []
     p.multilora_pass = Pass(
-        engine, loaded, static, denoiser, original_inner, wrapper, p.sampler, p.sd_model, names, webui.activations
+        engine,
+        loaded,
+        static,
+        denoiser,
+        original_inner,
+        wrapper,
+        p.sampler,
+        p.sd_model,
+        names,
+        webui.activations,
+        reused,
     )
     p.extra_generation_params.update(resolved.args.infotext(names))
     if static is not None:
@@ -335,6 +348,22 @@ def install(p: Any, resolved: Resolved, engine: HookEngine, keep_merged: bool, o
     # A refiner switch mid-sampling loads another model and computes its conds through p.setup_conds: the pass ends
     # there, and the refiner part runs as the webui runs it.
     wrap_method(p, "setup_conds", end_at_refiner)
+
+
+def reuse_controlnet(p: Any) -> list[nn.Module]:
+    """Mikubill's ControlNet computes each unit's control inside every UNet forward: the passes of one Composite or
+    Spatial call (the same input, timestep and conds, no LoRA in the control) share it, computed once
+    (:class:`reuse.ReusedCalls` in place of each control model's ``forward`` for the pass), unless the setting
+    "Reuse ControlNet's control across a call's passes" is off."""
+    from modules import shared
+
+    if not getattr(shared.opts, "multilora_controlnet_reuse", True):
+        return []
+    units = neighbours.controlnet_models(p)
+    models = {id(m): m for m in units if isinstance(m, nn.Module) and "forward" not in vars(m)}.values()
+    for model in models:  # as many results kept as there are units: two may share a model, with their own hints
+        model.forward = ReusedCalls(model.forward, size=len(units))
+    return list(models)
 
 
 def end_at_refiner(p: Any) -> None:
@@ -352,6 +381,9 @@ def finish_pass(p: Any) -> None:
         return
     state.engine.remove()
     generation.unwrap_sampler(state.sampler)
+    for model in state.reused:
+        if isinstance(vars(model).get("forward"), ReusedCalls):
+            del model.forward
     if state.denoiser._modules.get("model_wrap") is state.wrapper:
         state.denoiser.model_wrap = state.original_inner
     report_unscheduled(p, state.wrapper, state.names)

@@ -306,6 +306,28 @@ def test_batched_composite_with_a_controlnet_unit_equals_sequential(neighbours: 
     assert "Multi-LoRA composite execution: Batched" in batched.infotext and WARNING not in batched.infotext
 
 
+@pytest.mark.parametrize(("method", "passes"), [("Composite", 2), ("Spatial", 3)])
+def test_a_step_computes_the_control_once_and_the_image_is_the_same(
+    neighbours: WebuiClient, controlnet: str, method: str, passes: int
+) -> None:
+    """The passes of a call share the unit's control (the extension computes it inside each UNet forward): one
+    ControlNet run per step, not one per pass, and bit for bit the image each pass computing its own makes."""
+    two = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>"
+    previous = neighbours.post("/multilora-probe/recompute", {"enabled": False})  # the trace's UNet calls
+    neighbours.post("/multilora-probe/controlnet-runs")
+    reused = controlled(neighbours, controlnet, two, ml(method=method))
+    assert neighbours.get("/multilora-probe/controlnet-runs") == {"runs": STEPS, "wrapped": 0}
+    neighbours.post("/sdapi/v1/options", {"multilora_controlnet_reuse": False})
+    try:
+        neighbours.post("/multilora-probe/controlnet-runs")
+        computed = controlled(neighbours, controlnet, two, ml(method=method))
+        assert neighbours.get("/multilora-probe/controlnet-runs")["runs"] == passes * STEPS
+    finally:
+        neighbours.post("/sdapi/v1/options", {"multilora_controlnet_reuse": True})
+        neighbours.post("/multilora-probe/recompute", previous)
+    assert max_diff(reused.image, computed.image) == 0
+
+
 def test_no_trace_after_controlled_passes_finished_or_interrupted(neighbours: WebuiClient, controlnet: str) -> None:
     two = f"{PROMPT} <lora:mlA:0.5> <lora:mlB:0.5>"
 

@@ -39,9 +39,6 @@ from fastapi import Body
 from modules import script_callbacks, scripts, sd_models, shared
 
 LAST: dict[str, Any] = {"calls": []}
-#: Whether the trace recomputes each Composite/Spatial call (``mix_checks``). Those recomputes are UNet calls of their
-#: own: an extension that keeps a call's state for later (SAG's attention map) would then keep theirs.
-RECOMPUTE = {"enabled": True}
 MIX_CHECKS = Path(__file__).resolve().parents[3] / "webui" / "probe_extension" / "lib" / "mix_checks.py"
 
 
@@ -56,7 +53,12 @@ def _mix_checks() -> Any:
 
 
 _shared = _mix_checks()
-mix_checks, starts_a_trace = _shared.mix_checks, _shared.starts_a_trace
+mix_checks, starts_a_trace, RECOMPUTE, add_recompute_route = (
+    _shared.mix_checks,
+    _shared.starts_a_trace,
+    _shared.RECOMPUTE,
+    _shared.add_recompute_route,
+)
 MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl", "is_sd3")
 
 
@@ -270,11 +272,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 main_entry.refresh_model_loading_parameters()
             return {"option": previous}
 
-    @app.post("/multilora-probe/recompute")
-    def recompute(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
-        previous = dict(RECOMPUTE)
-        RECOMPUTE["enabled"] = bool(body["enabled"])
-        return previous
+    add_recompute_route(app)
 
     @app.post("/multilora-probe/controlnet-refresh")
     def controlnet_refresh() -> dict[str, list[str]]:

@@ -1,6 +1,8 @@
 """Test-only: what both tiers' trace probes share: what they check on a Composite or Spatial call, recomputed from
-fresh calls of the wrapper's inner model, and which ``process`` calls start a generation's trace (not under scripts/,
-so no webui loads it as a script; the probes load it by its path)."""
+fresh calls of the wrapper's inner model (unless ``POST /multilora-probe/recompute {"enabled": false}``: those
+recomputes are UNet calls of their own, which an extension that keeps a call's state for later, or counts its runs,
+would see), and which ``process`` calls start a generation's trace (not under scripts/, so no webui loads it as a
+script; the probes load it by its path)."""
 
 from __future__ import annotations
 
@@ -53,3 +55,18 @@ def starts_a_trace(p: Any) -> bool:
         return False
     p.multilora_traced = p
     return True
+
+
+#: Whether the trace recomputes each Composite/Spatial call (``mix_checks``).
+RECOMPUTE = {"enabled": True}
+
+
+def add_recompute_route(app: Any) -> None:
+    """``POST /multilora-probe/recompute {"enabled": bool}``: answers the setting it replaced."""
+    from fastapi import Body
+
+    @app.post("/multilora-probe/recompute")
+    def recompute(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
+        previous = dict(RECOMPUTE)
+        RECOMPUTE["enabled"] = bool(body["enabled"])
+        return previous

@@ -2,9 +2,13 @@
 model class and loaded by its own loader, for tests/webui/test_neighbours.py. Does nothing where that extension is
 not installed.
 
-Endpoint:
+Endpoints:
 - ``POST /multilora-probe/controlnet-model {"name": str, "seed": int, "scale": float}``: writes
   ``<name>.safetensors`` into the extension's models folder and refreshes its model list; answers the config.
+- ``POST /multilora-probe/controlnet-runs``: from now on, counts the runs of every ControlNet the extension holds
+  loaded (a forward hook on the network inside each of its control models, which the control model's forward calls);
+  ``GET``: ``{"runs": n, "wrapped": k}``, with ``k`` the loaded control models with a ``forward`` of their own
+  (something left in place of theirs).
 
 The extension (56cec5b2) builds every SD1 ControlNet it loads with SD1.5's config (``controlnet_model_guess``'s
 ``controlnet_default_config``: 320 channels, 8 heads; a yaml beside the model is ignored), whose 13 control outputs
@@ -66,7 +70,37 @@ def random_state_dict(model: torch.nn.Module, seed: int, scale: float) -> dict[s
     return out
 
 
+RUNS = {"runs": 0}
+
+
+def loaded_control_models() -> list[torch.nn.Module]:
+    """The control models the extension keeps loaded: its script class's model cache (of ``ControlModel`` tuples;
+    a generation's unit gets the cached model or a shallow copy of it, which shares its networks)."""
+    from modules import scripts
+
+    script = next(s for s in scripts.scripts_txt2img.alwayson_scripts if s.title() == "ControlNet")
+    return [cached.model for cached in type(script).model_cache.values()]
+
+
+def count_run(*_: Any) -> None:
+    RUNS["runs"] += 1
+
+
 def on_app_started(_demo: Any, app: Any) -> None:
+    @app.post("/multilora-probe/controlnet-runs")
+    def start_counting() -> dict[str, int]:
+        for model in loaded_control_models():
+            network = model.control_model
+            if not any(hook is count_run for hook in network._forward_hooks.values()):
+                network.register_forward_hook(count_run)
+        RUNS["runs"] = 0
+        return RUNS
+
+    @app.get("/multilora-probe/controlnet-runs")
+    def runs() -> dict[str, int]:
+        wrapped = sum("forward" in vars(model) for model in loaded_control_models())
+        return {**RUNS, "wrapped": wrapped}
+
     @app.post("/multilora-probe/controlnet-model")
     def controlnet_model(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         from modules.call_queue import queue_lock

@@ -3,7 +3,7 @@
 Loaded by the real-webui tier only (linked into the test data dir's extensions). Endpoints:
 - ``GET /multilora-probe/trace``: the calls of the last generation: step, active LoRA indices, the built-in's loaded
   networks during the call and, for Composite, how far the returned output is from the (weighted) mean of freshly
-  recomputed single-LoRA outputs.
+  recomputed single-LoRA outputs (``POST /multilora-probe/recompute {"enabled": false}`` turns that off).
 - ``GET /multilora-probe/fingerprint``: a checksum of every UNet and text-encoder parameter, one of what the built-in
   records as merged into each layer (``network_current_names``: a mismatch would make it skip a needed re-merge), the
   number of forward hooks on them, and the built-in's loaded networks: equal before and after a generation means no
@@ -34,7 +34,7 @@ def _mix_checks() -> Any:
 
 
 _shared = _mix_checks()
-mix_checks, starts_a_trace = _shared.mix_checks, _shared.starts_a_trace
+mix_checks, starts_a_trace, RECOMPUTE = _shared.mix_checks, _shared.starts_a_trace, _shared.RECOMPUTE
 
 
 class MultiLoraTraceProbe(scripts.Script):
@@ -55,7 +55,7 @@ class MultiLoraTraceProbe(scripts.Script):
 
             loaded = [n.name for n in networks.loaded_networks]
             entry: dict[str, Any] = {"step": step, "active": list(active), "loaded": loaded}
-            if len(active) > 1:
+            if len(active) > 1 and RECOMPUTE["enabled"]:
                 entry.update(mix_checks(p.multilora_pass.wrapper, active, call, result))
             calls.append(entry)
 
@@ -109,6 +109,8 @@ def on_app_started(_demo: Any, app: Any) -> None:
     @app.get("/multilora-probe/fingerprint")
     def get_fingerprint() -> dict[str, Any]:
         return fingerprint()
+
+    _shared.add_recompute_route(app)
 
 
 script_callbacks.on_app_started(on_app_started)
