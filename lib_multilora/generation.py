@@ -62,8 +62,10 @@ class Plan:
 
 class Host(Protocol):
     """What a webui's glue answers; the sequence around it is :func:`start_pass` and
-    :func:`apply_text_encoder_policy`. ``finish_pass`` is idempotent and called from every callback that may come
-    last."""
+    :func:`apply_text_encoder_policy`. ``refusal`` says, without building anything, why the host cannot compose a
+    pass (the text-encoder policy asks it before the conds are computed); ``plan`` builds the pass's deltas (and may
+    still refuse: a LoRA it turns out it cannot express). ``finish_pass`` is idempotent and called from every callback
+    that may come last."""
 
     #: A LoRA written twice in the prompt is merged twice (A1111, reForge), not once (Forge).
     merges_each_mention: bool
@@ -71,6 +73,8 @@ class Host(Protocol):
     def loaded_networks(self) -> list[Any]: ...
 
     def device(self) -> torch.device: ...
+
+    def refusal(self, p: Any, resolved: Resolved) -> str | None: ...
 
     def plan(self, p: Any, resolved: Resolved) -> Plan | str: ...
 
@@ -282,10 +286,10 @@ def resolve(p: Any, host: Host) -> Resolved | None:
     return resolved
 
 
-def plan_pass(p: Any, host: Host, resolved: Resolved) -> Plan | str:
-    """The host's plan for this pass, or why it must run without Multi-LoRA: another extension's work it cannot
+def refusal(p: Any, host: Host, resolved: Resolved) -> str | None:
+    """Why this pass must run without Multi-LoRA, known before anything is built: another extension's work it cannot
     follow (:mod:`neighbours`), an architecture the engine does not cover, or the host's own reasons."""
-    return neighbours.refusal(p, resolved.args.method) or unsupported_model(p.sd_model) or host.plan(p, resolved)
+    return neighbours.refusal(p, resolved.args.method) or unsupported_model(p.sd_model) or host.refusal(p, resolved)
 
 
 def unsupported_model(model: Any) -> str | None:
@@ -309,7 +313,7 @@ def start_pass(p: Any, host: Host) -> None:
     offset = pass_offset(p, resolved)
     if offset is None:
         return
-    plan = plan_pass(p, host, resolved)
+    plan = refusal(p, host, resolved) or host.plan(p, resolved)
     if isinstance(plan, str):
         warn(p, f"{plan}; running without Multi-LoRA")
         return
@@ -372,7 +376,7 @@ def apply_text_encoder_policy(p: Any, host: Host) -> None:
     if "multilora_muted_te" in vars(p):
         return
     resolved = resolve(p, host)
-    if resolved is None or resolved.args.text_encoder == "All" or isinstance(plan_pass(p, host, resolved), str):
+    if resolved is None or resolved.args.text_encoder == "All" or refusal(p, host, resolved) is not None:
         return
     keep = resolved.composed[:1] if resolved.args.text_encoder == "First" else []
     muted = [n for n in resolved.composed if all(n is not k for k in keep)]

@@ -64,12 +64,14 @@ def loaded_networks() -> list[Any]:
     return list(builtin_networks().loaded_networks)
 
 
+def refusal(p: Any, resolved: Resolved) -> str | None:
+    """Setups where per-pass hooks would be wrong or never run (:func:`host_conflict`)."""
+    return host_conflict()
+
+
 def plan(p: Any, resolved: Resolved) -> Plan | str:
     """The pass's per-layer deltas (:func:`collect_deltas`), with a warning per LoRA whose layers do not fit this
-    model, or why the pass must be refused."""
-    refusal = host_conflict()
-    if refusal:
-        return refusal
+    model, or why the pass must be refused (a LoRA it cannot express)."""
     try:
         if not hasattr(p.sd_model, "network_layer_mapping"):
             builtin_networks().assign_network_names_to_compvis_modules(p.sd_model)

@@ -34,7 +34,7 @@ class ForgeHost(PatcherHost):
 
     merges_each_mention = False
 
-    def refusal(self, p: Any, patcher: Any) -> str | None:
+    def backend_refusal(self, p: Any, patcher: Any) -> str | None:
         """LoRAs applied online (low-bit weights with an "fp16 LoRA" option: merged in every forward, not into the
         weights) and quantized weights (bnb nf4/fp4, GGUF)."""
         if any(key[3] for key in patcher.lora_patches):

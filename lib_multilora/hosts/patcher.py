@@ -74,7 +74,7 @@ class PatcherHost:
 
     # --- what each backend answers -------------------------------------------------------------------------------
 
-    def refusal(self, p: Any, patcher: Any) -> str | None:
+    def backend_refusal(self, p: Any, patcher: Any) -> str | None:
         """Why this backend cannot compose on this UNet patcher (LoRAs applied online, quantized weights), if so."""
         raise NotImplementedError
 
@@ -116,21 +116,28 @@ class PatcherHost:
 
         return devices.device
 
-    def plan(self, p: Any, resolved: Resolved) -> Plan | str:
-        """The pass's per-layer deltas (:meth:`collect_deltas`), or why the pass cannot be composed exactly: the
-        backend's refusals, composed LoRAs it loaded no patches for, layers the hooks have no op for."""
+    def refusal(self, p: Any, resolved: Resolved) -> str | None:
+        """Why the pass cannot be composed exactly, from the patches alone: the backend's refusals
+        (:meth:`backend_refusal`), composed LoRAs it loaded no patches for, layers the hooks have no op for."""
         objects = p.sd_model.forge_objects
         patcher = objects.unet
-        refusal = self.refusal(p, patcher)
+        refusal = self.backend_refusal(p, patcher)
         if refusal:
             return refusal
         composed = resolved.composed
-        if not self.entries(p, patcher, composed) and not self.entries(p, objects.clip.patcher, composed):
+        entries = self.entries(p, patcher, composed)
+        if not entries and not self.entries(p, objects.clip.patcher, composed):
             return f"{', '.join(map(generation.prompt_name, composed))}: the webui loaded no patches for them"
-        deltas = self.collect_deltas(p, patcher, composed)
-        foreign = sorted({type(module).__name__ for module in deltas if not applicable(module)})
+        layers = {patcher.model.get_submodule(key.rsplit(".", 1)[0]) for key in entries}
+        foreign = sorted({type(module).__name__ for module in layers if not applicable(module)})
         if foreign:
             return f"the composed LoRAs patch {', '.join(foreign)} layers, which the hooks cannot apply"
+        return None
+
+    def plan(self, p: Any, resolved: Resolved) -> Plan:
+        """The pass's per-layer deltas (:meth:`collect_deltas`), for a pass :meth:`refusal` lets through."""
+        patcher = p.sd_model.forge_objects.unet
+        deltas = self.collect_deltas(p, patcher, resolved.composed)
         return Plan(deltas, exact_merge=self.storage_dtype(patcher) in FLOAT_STORAGE)
 
     def collect_deltas(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Delta]]:

@@ -33,14 +33,14 @@ class ReforgeHost(PatcherHost):
 
     merges_each_mention = True
 
-    def refusal(self, p: Any, patcher: Any) -> str | None:
+    def backend_refusal(self, p: Any, patcher: Any) -> str | None:
         """Scaled fp8 checkpoints (their weights are read through a conversion the merge applies, the hooks do not),
         and LoRA patches that cannot be told apart by LoRA (another extension dropped or replaced entries: LoRA Block
         Weight's ``lbw=`` keeps only plain LoRA entries)."""
         if getattr(getattr(patcher.model, "model_config", None), "scaled_fp8", None) is not None:
             return "scaled fp8 checkpoints cannot be composed yet"
         model = p.sd_model
-        if applied_entries(model) is None or not extends(model.forge_objects_after_applying_lora.unet, patcher):
+        if applied_entries_of(p) is None or not extends(model.forge_objects_after_applying_lora.unet, patcher):
             changer = f"{neighbours.LBW}'s block weights" if neighbours.lbw_active(p) else "another extension"
             return (
                 f"the UNet's LoRA patches were replaced after the built-in applied them ({changer}): they cannot be "
@@ -87,7 +87,27 @@ def entry_ids(p: Any, nets: list[Any]) -> set[int]:
     """The ids of the adapters of the patch entries (UNet and text encoder) the built-in added for the files of
     ``nets``."""
     files = {n.network_on_disk.filename for n in nets}
-    return {i for file, ids in applied_entries(p.sd_model) or () if file in files for i in ids}
+    return {i for file, ids in applied_entries_of(p) or () if file in files for i in ids}
+
+
+def applied_entries_of(p: Any) -> list[tuple[str, set[int]]] | None:
+    """:func:`applied_entries` of ``p``'s model, walked once for the patcher chains as the built-in left them (a
+    pass asks for every composed LoRA, and again to strip them; the text-encoder policy too): kept on ``p`` with what
+    the walk read (:func:`chain_state`), walked again when any of that is another object."""
+    state = chain_state(p.sd_model)
+    kept = vars(p).get("multilora_applied_entries")
+    if kept is None or len(kept[0]) != len(state) or any(a is not b for a, b in zip(kept[0], state, strict=False)):
+        kept = p.multilora_applied_entries = (state, applied_entries(p.sd_model))
+    return kept[1]
+
+
+def chain_state(model: Any) -> tuple[Any, ...]:
+    """What :func:`applied_entries` reads, by identity: the chains' ends, the applied list and the last patchers'
+    patch lists (another extension rewrites those after the built-in: LoRA Block Weight puts new lists in place)."""
+    after, original = model.forge_objects_after_applying_lora, model.forge_objects_original
+    last = (after.unet, after.clip.patcher)
+    lists = [entries for patcher in last for entries in patcher.patches.values()]
+    return (*last, original.unet, original.clip.patcher, getattr(model, "current_lora_hash", None), *lists)
 
 
 def applied_entries(model: Any) -> list[tuple[str, set[int]]] | None:

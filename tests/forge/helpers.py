@@ -9,9 +9,10 @@ LoRAs are used at weight 0.5, where that holds on the tiny random model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from webui.server import assert_noise_floor
+from webui.server import SAME, assert_noise_floor, max_diff, trace
 
 from .server import REFORGE
 
@@ -59,3 +60,18 @@ def reference_within_floor(forge: WebuiClient, one: str, other: str, **extra: An
     reference = gen(forge, one, **extra).image
     assert_noise_floor(reference, gen(forge, other, **extra).image)
     return reference
+
+
+def assert_batched_is_sequential(
+    forge: WebuiClient, run: Callable[..., Result], ab: str, ba: str, steps: int, **extra: Any
+) -> None:
+    """Batched Composite over the two LoRAs of ``ab`` makes the Sequential image (within SAME; the noise floor
+    measured with the LoRAs swapped, ``ba``), each call the mean of the two, with no fallback to Sequential. ``run``:
+    the module's generation (its steps, CFG...)."""
+    sequential = run(forge, ab, **extra, **ml(method="Composite", execution="Sequential")).image
+    batched = run(forge, ab, **extra, **ml(method="Composite", execution="Batched"))
+    calls = trace(forge)
+    assert len(calls) == steps and all(c["active"] == [0, 1] and c["diff_vs_mean"] <= 1e-4 for c in calls), calls
+    assert "running Composite sequentially" not in batched.infotext
+    assert_noise_floor(sequential, run(forge, ba, **extra, **ml(method="Composite", execution="Sequential")).image)
+    assert max_diff(sequential, batched.image) <= SAME

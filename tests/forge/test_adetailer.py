@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from hosts.adetailer import *  # noqa: F403 - the checks, collected here
-from hosts.adetailer import copy_loras, link_adetailer
+from hosts.adetailer import AD_FLAGS, ADETAILER, copy_loras
 from webui.server import WebuiClient
 
 from .conftest import TIER
@@ -44,15 +44,9 @@ def ad(forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.Temp
     """A Forge with our extension, the probes and ADetailer (no hub downloads), on the session's model and LoRAs."""
     copy_loras(forge_assets.lora_dir)
     data_dir = tmp_path_factory.mktemp("forge-data-adetailer")
-    server = ForgeServer(
-        forge_dir, data_dir, forge_assets.ckpt, forge_assets.lora_dir, extra_flags=("--ad-no-huggingface",)
-    )
-    server.prepare_data_dir()
-    link_adetailer(server.data_dir / "extensions", NEIGHBOURS)
-    with TIER.serving(server):
-        client = WebuiClient(server, timeout=300)
+    server = ForgeServer(forge_dir, data_dir, forge_assets.ckpt, forge_assets.lora_dir, extra_flags=AD_FLAGS)
+    with TIER.beside(server, NEIGHBOURS, (ADETAILER,)) as client:
         yield client
-        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -43,13 +43,8 @@ W = ",".join(["1"] + ["0"] * 12 + ["1", "1"] + ["0"] * 11)
 def forge_lbw(forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A Forge with our extension, the probe and LoRA Block Weight, on the session's model and LoRAs."""
     server = ForgeServer(forge_dir, tmp_path_factory.mktemp("forge-data-lbw"), forge_assets.ckpt, forge_assets.lora_dir)
-    server.prepare_data_dir()
-    target = NEIGHBOURS / LBW
-    (server.data_dir / "extensions" / LBW).symlink_to(target, target_is_directory=True)
-    with TIER.serving(server):
-        client = WebuiClient(server, timeout=300)
+    with TIER.beside(server, NEIGHBOURS, (LBW,)) as client:
         yield client
-        client.close()
 
 
 @pytest.fixture(autouse=True)

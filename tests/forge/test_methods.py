@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from hosts.tier import assert_each_call_is_the_mean
 from webui.server import SAME, max_diff, mean_diff, trace
 
 from .helpers import (
@@ -17,8 +18,8 @@ from .helpers import (
     DIFFERENT,
     PROMPT,
     STEPS,
+    assert_batched_is_sequential,
     gen,
-    ml,
     multilora,
     reference_within_floor,
 )
@@ -101,20 +102,9 @@ def test_composite_over_one_lora_equals_plain_lora(forge: WebuiClient) -> None:
 
 def test_composite_output_is_mean_of_single_lora_outputs_each_step(forge: WebuiClient) -> None:
     result = gen(forge, AB, **multilora("Composite"))
-    calls = trace(forge)
-    assert len(calls) == STEPS
-    for c in calls:
-        assert c["active"] == [0, 1]
-        assert c["diff_vs_mean"] <= 1e-5, c
-        assert c["spread"] > 1e-3, "the two LoRAs give different predictions"
+    assert_each_call_is_the_mean(trace(forge), STEPS)
     assert mean_diff(result.image, gen(forge, AB).image) > DIFFERENT, "Composite differs from Merge"
 
 
 def test_batched_composite_equals_sequential(forge: WebuiClient) -> None:
-    swapped = f"{PROMPT} <lora:mlB:0.5> <lora:mlA:0.5>"
-    sequential = reference_within_floor(forge, AB, swapped, **ml(method="Composite", execution="Sequential"))
-    batched = gen(forge, AB, **ml(method="Composite", execution="Batched"))
-    calls = trace(forge)
-    assert len(calls) == STEPS and all(c["active"] == [0, 1] and c["diff_vs_mean"] <= 1e-4 for c in calls)
-    assert "running Composite sequentially" not in batched.infotext
-    assert max_diff(sequential, batched.image) <= SAME
+    assert_batched_is_sequential(forge, gen, AB, f"{PROMPT} <lora:mlB:0.5> <lora:mlA:0.5>", STEPS)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hosts.tier import assert_no_trace, snapshot
+from hosts.tier import assert_each_call_is_the_mean, assert_no_trace, snapshot
 from webui.server import SAME, assert_noise_floor, max_diff, mean_diff, trace
 
-from .helpers import DIFFERENT, PROMPT, ml, multilora
+from .helpers import DIFFERENT, PROMPT, assert_batched_is_sequential, ml, multilora
 from .server import REFORGE, SKIP_REASON, START_TIMEOUT, build_assets, forge_dir_from_env, tracebacks
 from .tiny_model import SDXL_NAME
 
@@ -180,12 +180,7 @@ def test_text_encoder_first_mutes_the_second_lora_in_both_text_encoders(
 
 def test_composite_output_is_mean_of_single_lora_outputs_each_step(forge: WebuiClient) -> None:
     result = gen(forge, AB, **multilora("Composite"))
-    calls = trace(forge)
-    assert len(calls) == STEPS
-    for c in calls:
-        assert c["active"] == [0, 1]
-        assert c["diff_vs_mean"] <= 1e-5, c
-        assert c["spread"] > 1e-3, "the two LoRAs give different predictions"
+    assert_each_call_is_the_mean(trace(forge), STEPS)
     assert mean_diff(result.image, gen(forge, AB).image) > DIFFERENT, "Composite differs from Merge"
 
 
@@ -209,11 +204,4 @@ def test_switch_with_tau_at_least_steps_equals_first_lora_in_unet(forge: WebuiCl
 
 def test_batched_composite_equals_sequential(forge: WebuiClient) -> None:
     """At CFG 7: each call's cond and uncond rows (cross-attention and the ``y`` vector) replicated per LoRA."""
-    cfg = {"cfg_scale": 7}
-    sequential = gen(forge, AB, **cfg, **ml(method="Composite", execution="Sequential")).image
-    batched = gen(forge, AB, **cfg, **ml(method="Composite", execution="Batched"))
-    calls = trace(forge)
-    assert len(calls) == STEPS and all(c["active"] == [0, 1] and c["diff_vs_mean"] <= 1e-4 for c in calls), calls
-    assert "running Composite sequentially" not in batched.infotext
-    assert_noise_floor(sequential, gen(forge, BA, **cfg, **ml(method="Composite", execution="Sequential")).image)
-    assert max_diff(sequential, batched.image) <= SAME
+    assert_batched_is_sequential(forge, gen, AB, BA, STEPS, cfg_scale=7)

@@ -49,6 +49,8 @@ __all__ = [  # what a tier's test_adetailer.py collects: the fixtures and the ch
 
 TITLE = "Multi-LoRA Composition"
 ADETAILER = "adetailer"
+#: ADetailer's flag: no YOLO model downloads at start (offline, each would be a warning).
+AD_FLAGS = ("--ad-no-huggingface",)
 #: What ADetailer's detector finds the face in (scikit-image's photo at this size: confidence ~0.92).
 SIZE = 128
 STEPS = 8
@@ -87,10 +89,6 @@ def copy_loras(lora_dir: Path) -> None:
         target = lora_dir / f"{copy}.safetensors"
         if not target.exists():
             target.write_bytes((lora_dir / f"{name}.safetensors").read_bytes())
-
-
-def link_adetailer(extensions: Path, neighbours: Path) -> None:
-    (extensions / ADETAILER).symlink_to(neighbours / ADETAILER, target_is_directory=True)
 
 
 @cache

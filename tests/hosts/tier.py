@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 class Server(Protocol):
     """What a tier's server class offers (tests/webui/server.py's ``WebuiServer`` and its subclasses)."""
 
+    data_dir: Path
+
+    def prepare_data_dir(self) -> None: ...
     def start(self) -> None: ...
     def wait_ready(self) -> None: ...
     def stop(self) -> None: ...
@@ -92,6 +95,22 @@ class Tier:
             server.stop()
 
     @contextmanager
+    def beside(self, server: Server, neighbours: Path, names: tuple[str, ...]) -> Iterator[Any]:
+        """``server`` with the neighbour extensions ``names`` (folders of ``neighbours``, as ``tests.hosts setup``
+        unpacks them) linked into its data dir's extensions, started; a client of it (long requests allowed)."""
+        from webui.server import WebuiClient
+
+        server.prepare_data_dir()
+        for name in names:
+            (server.data_dir / "extensions" / name).symlink_to(neighbours / name, target_is_directory=True)
+        with self.serving(server):
+            client = WebuiClient(server, timeout=300)
+            try:
+                yield client
+            finally:
+                client.close()
+
+    @contextmanager
     def no_tracebacks(self, client: Client) -> Iterator[None]:
         """Fail the test if the server logged a Traceback while it ran (the API often hides errors in the log)."""
         mark = client.log_mark()
@@ -157,6 +176,16 @@ def interrupted(client: Client, run: Callable[[Any], Any], steps: int) -> Any:
     background.close()
     assert 3 <= len(trace(client)) < steps, "the interrupt landed mid-sampling"
     return result
+
+
+def assert_each_call_is_the_mean(calls: list[dict[str, Any]], steps: int) -> None:
+    """A Composite trace over two LoRAs: one call a step, each the mean of the two single-LoRA outputs (the probe's
+    fresh recompute), which differ."""
+    assert len(calls) == steps
+    for c in calls:
+        assert c["active"] == [0, 1]
+        assert c["diff_vs_mean"] <= 1e-5, c
+        assert c["spread"] > 1e-3, "the two LoRAs give different predictions"
 
 
 # --- the X/Y/Z plot, as every tier's tests send it -----------------------------------------------------------------

@@ -89,7 +89,7 @@ class RecordingHost:
     merges_each_mention = True
 
     def __init__(self, loaded: list[SimpleNamespace] | None = None, refusal: str | None = None) -> None:
-        self.loaded, self.refusal = loaded or [], refusal
+        self.loaded, self.refused = loaded or [], refusal
         self.calls: list[str] = []
 
     def loaded_networks(self) -> list[SimpleNamespace]:
@@ -98,9 +98,13 @@ class RecordingHost:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def refusal(self, p: object, resolved: generation.Resolved) -> str | None:
+        self.calls.append("refusal")
+        return self.refused
+
     def plan(self, p: object, resolved: generation.Resolved) -> generation.Plan | str:
         self.calls.append("plan")
-        return self.refusal or generation.Plan({}, exact_merge=True, warnings=["the host says hi"])
+        return generation.Plan({}, exact_merge=True, warnings=["the host says hi"])
 
     def mute_text_encoder(self, p: object, muted: list[SimpleNamespace]) -> str:
         self.calls.append("mute " + ",".join(n.name for n in muted))
@@ -143,7 +147,7 @@ def test_begin_wraps_close_drops_stale_infotext_and_reads_the_args() -> None:
     assert p.extra_generation_params == {"Steps": 8, nesting.LINK_TEXT: None}, "an earlier X/Y/Z cell's keys are gone"
     assert (p.multilora_args.enabled, p.multilora_args.method) == (True, "Composite")
     p.calculate_hr_conds()
-    assert host.calls[-2:] == ["plan", "mute beta"], "the hires conds get the text-encoder policy (not refused)"
+    assert host.calls[-2:] == ["refusal", "mute beta"], "the hires conds get the text-encoder policy (not refused)"
     p.close()
     assert host.calls[-2:] == ["finish", "unmute muted state"] and p.log[-1] == ("close", id(p))
     p.close()
@@ -158,12 +162,14 @@ def test_a_pass_ends_the_last_one_gives_the_text_encoder_back_then_plans_and_ins
     assert host.calls[-1] == "mute alpha,gamma"
     p.is_hr_pass = False
     generation.start_pass(p, host)
-    assert host.calls[-4:] == [
+    assert host.calls[-5:] == [
         "finish",
         "unmute muted state",
+        "refusal",
         "plan",
         "install ['alpha', 'gamma'] keep_merged=True offset=0",
     ]
+    assert host.calls.count("plan") == 1, "the text-encoder policy builds nothing; a pass plans once"
     assert "the host says hi" in p.extra_generation_params[generation.WARNING_LABEL]
     assert "alpha, gamma touch no UNet layer" in p.extra_generation_params[generation.WARNING_LABEL]
 
@@ -176,7 +182,7 @@ def test_a_refused_pass_installs_nothing_and_says_why() -> None:
     assert not any(call.startswith("mute") for call in host.calls), "a refused pass keeps the text encoder whole"
     p.is_hr_pass = False
     generation.start_pass(p, host)
-    assert not any(call.startswith("install") for call in host.calls)
+    assert not any(call.startswith(("install", "plan")) for call in host.calls), "a refused pass builds nothing"
     assert "the UNet is elsewhere; running without Multi-LoRA" in p.extra_generation_params[generation.WARNING_LABEL]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from lib_multilora.hosts import reforge
 
 
@@ -107,9 +109,29 @@ def test_strengths_rewritten_after_loading_are_composed_as_they_are_and_dropped_
     host = reforge.ReforgeHost()
     unet.model = SimpleNamespace()
     unet.patches = {key: [(0.5 * e[0], *e[1:]) for e in entries] for key, entries in unet.patches.items()}
-    assert host.refusal(p, unet) is None
+    assert host.backend_refusal(p, unet) is None
     assert strengths(host.entries(p, unet, [net("A.safetensors")]))["diffusion_model.a.weight"] == [
         (0.5, "A.safetensors")
     ]
     unet.patches = {key: entries[1:] for key, entries in unet.patches.items()}
-    assert "(another extension): they cannot be told apart by LoRA" in host.refusal(p, unet)
+    assert "(another extension): they cannot be told apart by LoRA" in host.backend_refusal(p, unet)
+
+
+def test_the_chains_are_walked_once_per_pass_start_and_again_when_the_builtin_reapplied_the_loras(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = model_with([("A.safetensors", 1.0, 1.0), ("B.safetensors", 1.0, 1.0)])
+    p = SimpleNamespace(sd_model=model, scripts=None)
+    walks: list[object] = []
+    walk = reforge.applied_entries
+    monkeypatch.setattr(reforge, "applied_entries", lambda m: walks.append(m) or walk(m))
+    host, unet = reforge.ReforgeHost(), model.forge_objects.unet
+    unet.model = SimpleNamespace()
+    for name in ("A.safetensors", "B.safetensors"):  # a pass's checks, one LoRA at a time, and the text encoder
+        host.entries(p, unet, [net(name)])
+        host.entries(p, model.forge_objects.clip.patcher, [net(name)])
+    assert host.backend_refusal(p, unet) is None and len(walks) == 1
+    again = model_with([("A.safetensors", 1.0, 1.0), ("B.safetensors", 1.0, 1.0)])  # the hires pass's new clones
+    p.sd_model = again
+    assert strengths(host.entries(p, again.forge_objects.unet, [net("B.safetensors")]))["diffusion_model.a.weight"]
+    assert len(walks) == 2

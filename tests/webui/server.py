@@ -150,6 +150,8 @@ class WebuiServer:
     port: int = field(default_factory=free_port)
     extra_flags: tuple[str, ...] = ()
     with_extension: bool = True
+    #: the checkout linked in as the extension (another one: bench/pass_start.py times an earlier commit)
+    extension: Path = REPO_ROOT
     #: the gradio UI too (``--nowebui`` left out; the API stays on), for the browser tier and ``tests.hosts run``
     ui: bool = False
     proc: subprocess.Popen[bytes] | None = None
@@ -190,7 +192,7 @@ class WebuiServer:
         extensions.mkdir(parents=True, exist_ok=True)
         links = [(PROBE_LINK_NAME, self.probe_extension)]
         if self.with_extension:
-            links.append((EXTENSION_LINK_NAME, REPO_ROOT))
+            links.append((EXTENSION_LINK_NAME, self.extension))
         for name, target in links:
             link = extensions / name
             if not link.exists():

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from hosts.adetailer import *  # noqa: F403 - the checks, collected here
-from hosts.adetailer import copy_loras, link_adetailer, neighbours_dir
+from hosts.adetailer import AD_FLAGS, ADETAILER, copy_loras, neighbours_dir
 
 from .conftest import TIER
 from .helpers import require_tier
@@ -44,14 +44,10 @@ def ad(webui_dir: Path, webui_assets: WebuiAssets, tmp_path_factory: pytest.Temp
         data_dir=tmp_path_factory.mktemp("webui-data-adetailer"),
         ckpt=webui_assets.ckpt,
         lora_dir=webui_assets.lora_dir,
-        extra_flags=("--ad-no-huggingface",),
+        extra_flags=AD_FLAGS,
     )
-    server.prepare_data_dir()
-    link_adetailer(server.data_dir / "extensions", NEIGHBOURS)
-    with TIER.serving(server):
-        client = WebuiClient(server, timeout=300)
+    with TIER.beside(server, NEIGHBOURS, (ADETAILER,)) as client:
         yield client
-        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import assert_each_call_is_the_mean
 
 from .helpers import PROMPT, STEPS, TITLE, gen, multilora, require_tier
 from .server import assert_noise_floor, max_diff, mean_diff, trace
@@ -71,12 +72,7 @@ def test_switch_trace_follows_tau(webui: WebuiClient) -> None:
 
 def test_composite_output_is_mean_of_single_lora_outputs_each_step(webui: WebuiClient) -> None:
     result = gen(webui, AB, **multilora("Composite"))
-    calls = trace(webui)
-    assert len(calls) == STEPS
-    for c in calls:
-        assert c["active"] == [0, 1]
-        assert c["diff_vs_mean"] <= 1e-5, c
-        assert c["spread"] > 1e-3, "the two LoRAs give different predictions"
+    assert_each_call_is_the_mean(trace(webui), STEPS)
     assert mean_diff(result.image, gen(webui, AB).image) > 2, "Composite differs from Merge"
 
 

@@ -46,13 +46,8 @@ def neighbours(webui_dir: Path, webui_assets: WebuiAssets, tmp_path_factory: pyt
         ckpt=webui_assets.ckpt,
         lora_dir=webui_assets.lora_dir,
     )
-    server.prepare_data_dir()
-    for name in (LBW, RP, CN):
-        (server.data_dir / "extensions" / name).symlink_to(folder / name, target_is_directory=True)
-    with TIER.serving(server):
-        client = WebuiClient(server, timeout=300)
+    with TIER.beside(server, folder, (LBW, RP, CN)) as client:
         yield client
-        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hosts.tier import assert_each_call_is_the_mean
 
 from .helpers import PROMPT, STEPS, TITLE, gen, require_tier
 from .server import assert_noise_floor, max_diff, mean_diff, trace
@@ -121,12 +122,7 @@ def test_switch_with_tau_at_least_steps_equals_first_lora_in_unet(webui: WebuiCl
 
 def test_composite_output_is_mean_of_single_lora_outputs_each_step(webui: WebuiClient) -> None:
     result = gen(webui, AB, **multilora("Composite"))
-    calls = trace(webui)
-    assert len(calls) == STEPS
-    for c in calls:
-        assert c["active"] == [0, 1]
-        assert c["diff_vs_mean"] <= 1e-5, c
-        assert c["spread"] > 1e-3, "the two LoRAs give different predictions"
+    assert_each_call_is_the_mean(trace(webui), STEPS)
     assert mean_diff(result.image, gen(webui, AB).image) > 2, "Composite differs from Merge"
 
 

@@ -8,10 +8,15 @@ Endpoints:
 - ``GET /multilora-probe/progress``: ``{"generation": n, "calls": c}``: generations started since launch and the
   Multi-LoRA denoiser calls of the current one. Tests poll it to interrupt a pass known to be running: the webui's own
   progress endpoint cannot tell the current generation from the previous one until ``state.begin`` has run.
+- ``POST /multilora-probe/pass-start-times``: from now on, times each call of the extension's pass start
+  (``generation.start_pass``) and text-encoder policy (``generation.apply_text_encoder_policy``); ``GET``: the
+  seconds of each call so far, per function (bench/pass_start.py).
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import torch
@@ -52,7 +57,36 @@ class MultiLoraFaultProbe(scripts.Script):
         p.multilora_observer = observer
 
 
+TIMED = ("start_pass", "apply_text_encoder_policy")
+TIMES: dict[str, list[float]] = {name: [] for name in TIMED}
+
+
+def timed(name: str, function: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            TIMES[name].append(time.perf_counter() - start)
+
+    run.multilora_timed = True  # type: ignore[attr-defined]
+    return run
+
+
 def on_app_started(_demo: Any, app: Any) -> None:
+    @app.post("/multilora-probe/pass-start-times")
+    def start_timing() -> dict[str, list[float]]:
+        generation = sys.modules["lib_multilora.generation"]
+        for name in TIMED:
+            if not getattr(getattr(generation, name), "multilora_timed", False):
+                setattr(generation, name, timed(name, getattr(generation, name)))
+            TIMES[name].clear()
+        return TIMES
+
+    @app.get("/multilora-probe/pass-start-times")
+    def times() -> dict[str, list[float]]:
+        return TIMES
+
     @app.post("/multilora-probe/fail-at")
     def fail_at(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         step = body.get("step")
