@@ -25,11 +25,11 @@ ROW, CELL, GAP, BAR, LABEL_CHAR = 16, 12, 10, 6, 6.5
 STYLE = f"""<style>
 .{CSS_CLASS} svg {{ max-width: 100%; height: auto; font: 11px var(--font, sans-serif); overflow: visible; }}
 .{CSS_CLASS} text {{ fill: currentColor; }}
-.{CSS_CLASS} .run {{ fill: var(--color-accent, currentColor); }}
-.{CSS_CLASS} .wait {{ fill: none; stroke: currentColor; stroke-opacity: 0.35; }}
-.{CSS_CLASS} .skipped {{ fill: none; stroke: currentColor; stroke-opacity: 0.2; stroke-dasharray: 2 2; }}
-.{CSS_CLASS} .merged {{ fill: currentColor; fill-opacity: 0.18; }}
-.{CSS_CLASS} .passes {{ fill: currentColor; fill-opacity: 0.45; }}
+.{CSS_CLASS} [data-state=run] {{ fill: var(--color-accent, currentColor); }}
+.{CSS_CLASS} [data-state=wait] {{ fill: none; stroke: currentColor; stroke-opacity: 0.35; }}
+.{CSS_CLASS} [data-state=skipped] {{ fill: none; stroke: currentColor; stroke-opacity: 0.2; stroke-dasharray: 2 2; }}
+.{CSS_CLASS} [data-state=merged] {{ fill: currentColor; fill-opacity: 0.18; }}
+.{CSS_CLASS} [data-passes] {{ fill: currentColor; fill-opacity: 0.45; }}
 .{CSS_CLASS} p {{ margin: 0.25em 0; opacity: 0.85; }}
 </style>"""
 
@@ -116,7 +116,7 @@ def render(composition: Composition, passes: list[Pass], note: str = "") -> str:
     missed = unscheduled(composition, cols)
     if missed:
         caption.append(
-            f"Warning: {', '.join(missed)} get no step (more LoRAs than the steps allow at this switch interval)."
+            f"Warning: no step for {', '.join(missed)}: more LoRAs than the steps allow at this switch interval."
         )
     paragraphs = "".join(f"<p>{escape(line)}</p>" for line in caption if line)
     rows = escape(",".join(names), quote=True)
@@ -171,7 +171,7 @@ def _svg(composition: Composition, passes: list[Pass], cols: list[Column]) -> st
             state, weight = _state(composition, c, k)
             shade = "" if weight is None or composition.args.method == "Switch" else _shade(weight, weights)
             parts.append(
-                f'<rect class="{state}" x="{x_of[(c.pass_name, c.step)] + 0.5}" y="{y + 0.5}" width="{cell - 1.5}" '
+                f'<rect x="{x_of[(c.pass_name, c.step)] + 0.5}" y="{y + 0.5}" width="{cell - 1.5}" '
                 f'height="{CELL - 1}"{shade} data-lora="{escape(name, quote=True)}" data-pass="{c.pass_name}" '
                 f'data-step="{c.step}" data-state="{state}"'
                 + (f' data-weight="{weight:.4g}"' if weight is not None else "")
@@ -183,7 +183,7 @@ def _svg(composition: Composition, passes: list[Pass], cols: list[Column]) -> st
     for c in cols:
         h = max(2.0, BAR * c.unet_passes / most)
         parts.append(
-            f'<rect class="passes" x="{x_of[(c.pass_name, c.step)] + 0.5}" y="{y + ROW + 4 - h:.1f}" '
+            f'<rect x="{x_of[(c.pass_name, c.step)] + 0.5}" y="{y + ROW + 4 - h:.1f}" '
             f'width="{cell - 1.5}" height="{h:.1f}" data-pass="{c.pass_name}" data-step="{c.step}" '
             f'data-passes="{c.unet_passes}"/>'
         )

@@ -265,7 +265,7 @@ def sampling_of(steps: int, is_img2img: bool, extras: dict[str, Any], hires: str
         fix = bool(getattr(shared.opts, "img2img_fix_steps", False))
         counted = img2img_steps(steps, strength, fix)
         return sampling_passes(counted), f"img2img at denoising strength {strength:g}: {counted} of {steps} steps run."
-    if len(extras) < 2:
+    if "hires" not in extras or "hires_steps" not in extras:
         return sampling_passes(steps), "The hires fix's controls were not found: its pass is not shown."
     hires_steps = int(extras["hires_steps"] or 0) if extras["hires"] else None
     return sampling_passes(steps, hires_steps, hires), ""

@@ -201,7 +201,7 @@ def test_switch_cells_and_a_lora_the_schedule_never_reaches() -> None:
     assert [states[("charA", i)] for i in range(8)] == ["run"] * 5 + ["wait"] * 3
     assert [states[("outfitB", i)] for i in range(8)] == ["wait"] * 5 + ["run"] * 3
     assert all(states[("styleC", i)] == "wait" for i in range(8))
-    assert "styleC (first pass) get no step" in html
+    assert "no step for styleC (first pass)" in html
 
 
 def test_where_the_run_would_be_merge_the_picture_says_why() -> None:
