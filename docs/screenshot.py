@@ -71,7 +71,7 @@ SCHEDULE_CLIP_JS = """
     const panel = app.querySelector('#txt2img_multilora').getBoundingClientRect();
     const line = app.querySelector('#txt2img_multilora_preview').getBoundingClientRect();
     const picture = app.querySelector('#txt2img_multilora_schedule').getBoundingClientRect();
-    return {x: panel.left, y: line.top - 3, right: panel.right, bottom: picture.bottom + 8};
+    return {x: panel.left, y: line.top, right: panel.right, bottom: picture.bottom + 8};
 }
 """
 
