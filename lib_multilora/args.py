@@ -63,7 +63,7 @@ class MultiLoraArgs:
     @property
     def lora_names(self) -> list[str]:
         """The explicitly requested LoRA names (empty means every ``<lora>`` of the prompt)."""
-        return [n.strip() for n in self.loras.split(",") if n.strip()]
+        return split_names(self.loras)
 
     def problems(self) -> list[str]:
         """Why these settings cannot run as asked; empty when they can."""
@@ -177,10 +177,24 @@ def _coerce(name: str, value: Any) -> Any:
         return to_int(value, name)
     if name in ("start", "end", "temperature"):
         return to_float(value, name)
+    if name == "loras" and isinstance(value, (list, tuple)):
+        return join_names(value)
     if not isinstance(value, str):
         raise ArgsError(f"{name} must be a string, got {value!r}")
     choices = next(f.metadata["choices"] for f in fields(MultiLoraArgs) if f.name == name)
     return canonical(value, choices) if choices else value
+
+
+def split_names(text: str) -> list[str]:
+    """``"A, B"`` -> ``["A", "B"]``: the ``loras`` field's comma list, as the panel's picks."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def join_names(names: list[Any] | tuple[Any, ...]) -> str:
+    """The panel's picks (a list) as the ``loras`` field's comma list, which the infotext, the API and X/Y/Z keep."""
+    if not all(isinstance(n, str) for n in names):
+        raise ArgsError(f"loras must be a string or a list of strings, got {names!r}")
+    return ", ".join(n.strip() for n in names if n.strip())
 
 
 def canonical(value: str, choices: tuple[str, ...]) -> str:

@@ -25,7 +25,7 @@ from .args import MERGE, MIXING, ArgsError, MultiLoraArgs, label_of
 from .engine import Delta, HookEngine, LowRankDelta, build_engine
 from .inner import MethodInner, runs_batched
 from .plan import composite_weights, select
-from .schedule import sampling_step
+from .schedule import hires_offset, sampling_step
 from .spatial import Spatial
 from .tags import apply_tags, strip_malformed
 
@@ -448,12 +448,8 @@ SAMPLER_METHODS = ("sample", "sample_img2img")
 def pass_offset(p: Any, resolved: Resolved) -> int | None:
     """Where this pass's step count starts (a hires pass continuing the first pass's count starts at its steps), or
     None when the pass runs merged: a hires pass with hires mode Off, or an empty step window (said)."""
-    offset = 0
-    if getattr(p, "is_hr_pass", False):
-        if resolved.args.hires == "Off":
-            return None
-        offset = p.steps if resolved.args.hires == "Continue" else 0
-    return None if empty_window(p, resolved.args) else offset
+    offset = hires_offset(resolved.args.hires, p.steps) if getattr(p, "is_hr_pass", False) else 0
+    return None if offset is None or empty_window(p, resolved.args) else offset
 
 
 def finish_with_sampler(p: Any, sampler: Any, finish: Callable[[Any], None]) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .engine import Group, HookEngine
-from .schedule import switch_index, window_steps
+from .schedule import active_loras
 from .spatial import Spatial, spatial_mix
 
 
@@ -127,15 +127,9 @@ class MethodInner(nn.Module):
 
     def active_loras(self) -> list[int]:
         """Indices of the LoRAs run (one pass each) for the current call; none outside the window."""
-        step, first = self._step(), 0
-        if self._window is not None and self._steps is not None:
-            window = window_steps(*self._window, self._steps())
-            if step not in window:
-                return []
-            first = window.start
-        if self._method == "Switch":
-            return [switch_index(step - first, self._tau, self._n)]
-        return [k for k in range(self._n) if self.weights is None or self.weights[k] > 0]
+        steps = self._steps() if self._steps is not None else 0
+        window = self._window if self._steps is not None else None
+        return active_loras(self._step(), steps, self._method, self._n, self._tau, self.weights, window)
 
     def unscheduled(self) -> list[int]:
         """The LoRAs a Switch schedule never reached in the calls made so far (none before any call; a Composite LoRA

@@ -17,6 +17,8 @@ class Selection:
     counts: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    #: Requested names that match no loaded LoRA (then ``error`` says so).
+    missing: list[str] = field(default_factory=list)
 
 
 def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Selection:
@@ -44,9 +46,9 @@ def select(loaded: list[tuple[str, frozenset[str]]], requested: list[str]) -> Se
         seen[name.lower()] = len(out.composed)
         out.composed.append(i)
         out.counts.append(1)
-    missing = [n for n in requested if n.lower() not in matched]
-    if missing:
-        out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(missing)}"
+    out.missing = [n for n in requested if n.lower() not in matched]
+    if out.missing:
+        out.error = f"LoRA(s) to compose not loaded by the prompt: {', '.join(out.missing)}"
         out.composed, out.counts = [], []
         return out
     if len(out.composed) == 1:

@@ -1,4 +1,6 @@
-"""Which LoRA runs when: the step arithmetic of LoRA Switch, kept apart from any host code."""
+"""Which LoRA runs when: the step arithmetic of the methods, kept apart from any host code. The inner-model wrapper
+(:mod:`inner`) runs it and the panel's schedule picture (:mod:`schedule_picture`) draws it, so the two cannot
+disagree."""
 
 from __future__ import annotations
 
@@ -50,3 +52,35 @@ def window_step(value: float, steps: int) -> int:
 def window_steps(start: float, end: float, steps: int) -> range:
     """The steps (of ``steps``) a window runs the method in: ``start`` included, ``end`` not."""
     return range(min(window_step(start, steps), steps), min(window_step(end, steps), steps))
+
+
+def active_loras(
+    step: int,
+    steps: int,
+    method: str,
+    n_loras: int,
+    tau: int,
+    weights: list[float] | None = None,
+    window: tuple[float, float] | None = None,
+) -> list[int]:
+    """Indices of the LoRAs run (one UNet pass each) at ``step`` of a pass whose count ends at ``steps`` (a hires pass
+    that continues the first pass's count includes its offset in both): none outside the ``window`` (every LoRA acts
+    merged there); for Switch the one LoRA of the schedule, which starts at the window's first step; for Composite
+    and Spatial every LoRA whose weight (``weights``, None: equal) is above 0."""
+    first = 0
+    if window is not None:
+        span = window_steps(*window, steps)
+        if step not in span:
+            return []
+        first = span.start
+    if method == "Switch":
+        return [switch_index(step - first, tau, n_loras)]
+    return [k for k in range(n_loras) if weights is None or weights[k] > 0]
+
+
+def hires_offset(hires: str, first_pass_steps: int) -> int | None:
+    """Where the hires pass's step count starts: at 0 (``Restart``), after the first pass's steps (``Continue``), or
+    None: the hires pass runs merged (``Off``)."""
+    if hires == "Off":
+        return None
+    return first_pass_steps if hires == "Continue" else 0

@@ -3,6 +3,7 @@ the API's positional ``alwayson_scripts`` args read it."""
 
 from __future__ import annotations
 
+from html import escape
 from typing import Any
 
 import gradio as gr
@@ -21,7 +22,8 @@ from .args import (
     field_names,
     label_of,
 )
-from .preview import preview_text
+from .preview import compose, names_for, picks, preview_text, prompt_loras
+from .schedule_picture import Pass, img2img_steps, render, sampling_passes
 
 SECTION = ("multilora", "Multi-LoRA Composition")
 
@@ -53,12 +55,22 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
                 elem_id=f"{tab}_multilora_tau",
                 visible=default("method") == "Switch",
             )
-        loras = gr.Textbox(
-            value="",
-            label="LoRAs to compose",
-            placeholder="empty = every <lora> in the prompt; names here are composed, the others stay merged",
-            elem_id=f"{tab}_multilora_loras",
-        )
+        with gr.Row():
+            picker = gr.Dropdown(
+                choices=[],
+                value=[],
+                multiselect=True,
+                label="LoRAs to compose",
+                info="the prompt's <lora> tags; none picked: all of them, the others stay merged",
+                elem_id=f"{tab}_multilora_picks",
+            )
+            loras = gr.Textbox(
+                value="",
+                label="LoRAs to compose, by name",
+                info="what is composed: the picks, or names typed here",
+                placeholder="empty = every <lora> in the prompt",
+                elem_id=f"{tab}_multilora_loras",
+            )
         with gr.Row():
             execution = gr.Radio(
                 list(EXECUTIONS),
@@ -119,6 +131,7 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
                 list(HIRES_MODES), value=MultiLoraArgs.hires, label="Hires pass", elem_id=f"{tab}_multilora_hires"
             )
         preview = gr.Markdown("", elem_id=f"{tab}_multilora_preview")
+        picture = gr.HTML("", elem_id=f"{tab}_multilora_schedule")
     components = {
         "enabled": enabled,
         "method": method,
@@ -136,7 +149,9 @@ def build_panel(script: Any, is_img2img: bool, unavailable: str | None = None) -
     method.change(
         fn=method_controls, inputs=[method], outputs=[tau, execution, weights, spatial_row], show_progress=False
     )
-    wire_preview(script, preview, enabled, components)
+    watched = {name: getattr(script, "multilora_watched", {}).get(elem_id.format(tab=tab)) for name, elem_id in WATCHED}
+    wire_picker(watched["prompt"], picker, loras)
+    wire_preview(watched, is_img2img, preview, picture, components)
     method_label = label_of("method")
     script.infotext_fields = [(enabled, lambda params: method_label in params)] + [
         (components[name], label_of(name)) for name in field_names() if name != "enabled"
@@ -177,21 +192,83 @@ def on_ui_settings() -> None:
         shared.opts.add_option(name, option)
 
 
-def wire_preview(script: Any, preview: Any, enabled: Any, components: dict[str, Any]) -> None:
-    """Refresh the schedule preview when the prompt, steps or panel change (prompt and steps are the webui's own
-    components, captured by the script's ``after_component``)."""
-    prompt, steps = getattr(script, "prompt_component", None), getattr(script, "steps_component", None)
+#: The webui's own components the preview reads (name, elem_id; ``{tab}``: txt2img or img2img), kept by
+#: :func:`watch` as the webui creates them: the prompt and steps, txt2img's hires fix (its accordion's checkbox) and
+#: hires steps, img2img's denoising strength.
+WATCHED = (
+    ("prompt", "{tab}_prompt"),
+    ("steps", "{tab}_steps"),
+    ("hires", "txt2img_hr-checkbox"),
+    ("hires_steps", "txt2img_hires_steps"),
+    ("denoising", "img2img_denoising_strength"),
+)
+WATCHED_IDS = {elem_id.format(tab=tab) for _, elem_id in WATCHED for tab in ("txt2img", "img2img")}
+
+
+def watch(script: Any, component: Any, elem_id: str) -> None:
+    """Keep a component the preview reads (the script's ``after_component``: the webui creates them before the
+    panel in its default layout)."""
+    if elem_id in WATCHED_IDS:
+        vars(script).setdefault("multilora_watched", {})[elem_id] = component
+
+
+def wire_picker(prompt: Any, picker: Any, loras: Any) -> None:
+    """The picker offers the prompt's ``<lora>`` tags and shows those the ``LoRAs to compose`` field names (after a
+    prompt edit, a typed name, a paste-back); a pick writes the field, which stays what is composed, stored, pasted
+    and sent by the API. ``input`` is the user's own pick only, so the two never chase each other."""
+    if prompt is None:
+        return
+
+    def offer(prompt_text: str, names: str) -> dict[str, Any]:
+        return gr.update(choices=prompt_loras(prompt_text or ""), value=picks(prompt_text or "", names or ""))
+
+    def pick(prompt_text: str, picked: list[str] | None, names: str) -> str:
+        return names_for(prompt_text or "", list(picked or []), names or "")
+
+    for source in (prompt, loras):
+        source.change(fn=offer, inputs=[prompt, loras], outputs=[picker], show_progress=False)
+    picker.input(fn=pick, inputs=[prompt, picker, loras], outputs=[loras], show_progress=False)
+
+
+def wire_preview(
+    watched: dict[str, Any], is_img2img: bool, preview: Any, picture: Any, components: dict[str, Any]
+) -> None:
+    """Refresh the preview line and the schedule picture when the prompt, the steps, the hires fix (txt2img), the
+    denoising strength (img2img) or the panel change."""
+    prompt, steps = watched["prompt"], watched["steps"]
     if prompt is None or steps is None:
         return
+    extra = ("denoising",) if is_img2img else ("hires", "hires_steps")
+    found = [name for name in extra if watched[name] is not None]
     names = [n for n in field_names() if n != "enabled"]
-    inputs = [prompt, steps, enabled, *(components[n] for n in names)]
+    inputs = [prompt, steps, components["enabled"], *(components[n] for n in names), *(watched[n] for n in found)]
 
-    def update(prompt_text: str, steps_value: float, enabled_value: bool, *values: Any) -> str:
+    def update(prompt_text: str, steps_value: float, enabled_value: bool, *values: Any) -> tuple[str, str]:
+        fields, extras = values[: len(names)], dict(zip(found, values[len(names) :], strict=True))
         try:
-            args = MultiLoraArgs.from_dict({"enabled": enabled_value, **dict(zip(names, values, strict=True))})
+            args = MultiLoraArgs.from_dict({"enabled": enabled_value, **dict(zip(names, fields, strict=True))})
         except ValueError as e:
-            return f"Will fall back to Merge: {e}"
-        return preview_text(prompt_text or "", int(steps_value or 0), args)
+            return escape(f"Will fall back to Merge: {e}"), ""
+        prompt_text, steps_count = prompt_text or "", int(steps_value or 0)
+        composition = compose(prompt_text, args)
+        passes, note = sampling_of(steps_count, is_img2img, extras, composition.args.hires)
+        return escape(preview_text(prompt_text, passes[0].steps, args)), render(composition, passes, note)
 
     for component in inputs:
-        component.change(fn=update, inputs=inputs, outputs=[preview], show_progress=False)
+        component.change(fn=update, inputs=inputs, outputs=[preview, picture], show_progress=False)
+
+
+def sampling_of(steps: int, is_img2img: bool, extras: dict[str, Any], hires: str) -> tuple[list[Pass], str]:
+    """The passes a generation would run with the tab's settings, and a note for the picture: img2img counts only
+    the steps after its denoising strength; txt2img adds the hires pass when the hires fix is on."""
+    if is_img2img:
+        if "denoising" not in extras:
+            return sampling_passes(steps), "img2img: its denoising strength was not found; all steps shown."
+        strength = float(extras["denoising"] or 0)
+        fix = bool(getattr(shared.opts, "img2img_fix_steps", False))
+        counted = img2img_steps(steps, strength, fix)
+        return sampling_passes(counted), f"img2img at denoising strength {strength:g}: {counted} of {steps} steps run."
+    if "hires" not in extras or "hires_steps" not in extras:
+        return sampling_passes(steps), "The hires fix's controls were not found: its pass is not shown."
+    hires_steps = int(extras["hires_steps"] or 0) if extras["hires"] else None
+    return sampling_passes(steps, hires_steps, hires), ""

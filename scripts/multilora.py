@@ -12,7 +12,7 @@ from typing import Any
 from modules import script_callbacks, scripts
 
 from lib_multilora import generation, hosts, webui, xyz
-from lib_multilora.ui import build_panel, on_ui_settings, show_in_img2img
+from lib_multilora.ui import build_panel, on_ui_settings, show_in_img2img, watch
 
 HOST = hosts.detect()
 UNAVAILABLE = HOST if isinstance(HOST, str) else None
@@ -26,12 +26,8 @@ class MultiLoraScript(scripts.Script):
         return scripts.AlwaysVisible if show_in_img2img() or not is_img2img else False
 
     def after_component(self, component: Any, **kwargs: Any) -> None:
-        """Keep the tab's prompt and steps components: the schedule preview reads them."""
-        elem_id = kwargs.get("elem_id") or ""
-        if elem_id.endswith("2img_prompt"):
-            self.prompt_component = component
-        elif elem_id.endswith("2img_steps"):
-            self.steps_component = component
+        """Keep the webui's components the schedule preview reads (prompt, steps, hires fix, denoising)."""
+        watch(self, component, kwargs.get("elem_id") or getattr(component, "elem_id", None) or "")
 
     def ui(self, is_img2img: bool) -> list[Any]:
         return build_panel(self, is_img2img, unavailable=UNAVAILABLE)

@@ -19,6 +19,14 @@ def test_positional_args_follow_field_order() -> None:
     assert MultiLoraArgs.from_script_args((True, "Composite", 3, "", "batched")).execution == "Batched"
 
 
+def test_loras_as_the_panel_picks_them_are_the_same_comma_list() -> None:
+    assert MultiLoraArgs.from_script_args((True, "Switch", 5, ["A", " B "])).loras == "A, B"
+    assert MultiLoraArgs.from_script_args((True, "Switch", 5, [])).loras == ""
+    assert MultiLoraArgs.from_dict({"loras": ("A",)}) == MultiLoraArgs(loras="A")
+    with pytest.raises(ArgsError, match="list of strings"):
+        MultiLoraArgs.from_dict({"loras": ["A", 3]})
+
+
 def test_dict_args_and_case_insensitive_method() -> None:
     a = MultiLoraArgs.from_script_args(({"enabled": True, "method": "composite"},))
     assert a.method == "Composite" and a.enabled and a.tau == 5

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from lib_multilora.args import MultiLoraArgs
-from lib_multilora.preview import preview_text, prompt_loras
+from lib_multilora.preview import names_for, picks, preview_text, prompt_loras
 
 PROMPT = "a cat <lora:charA:0.8>, <lora:outfitB:1:0.5> <lora:charA:1> <lora:styleC>"
 
@@ -17,17 +17,40 @@ def test_switch_preview_lists_step_ranges() -> None:
 
 def test_composite_preview_and_subset() -> None:
     text = preview_text(PROMPT, 20, MultiLoraArgs(True, "Composite", loras="styleC, charA"))
-    assert text == "Composite, every step: mean of charA | styleC (2 UNet passes per step)."
+    assert text == "Composite, every step: mean of charA 0.50 | styleC 0.50 (2 UNet passes per step)."
 
 
-def test_composite_preview_shows_the_weights_and_the_passes_they_cost() -> None:
+def test_composite_preview_names_each_lora_with_its_weight_and_what_weight_0_skips() -> None:
     text = preview_text(PROMPT + " <multilora:composite:weights=2,0,2>", 20, MultiLoraArgs())
-    assert (
-        text
-        == "Composite, every step: weighted mean of charA 0.50 | outfitB 0.00 | styleC 0.50 (2 UNet passes per step)."
+    assert text == (
+        "Composite, every step: weighted mean of charA 0.50 | outfitB 0.00 | styleC 0.50; weight 0 skips outfitB "
+        "(2 UNet passes per step)."
     )
+
+
+def test_a_wrong_weights_field_is_said_before_generating() -> None:
     bad = preview_text(PROMPT, 20, MultiLoraArgs(True, "Composite", weights="1,2"))
-    assert "mean of charA | outfitB | styleC (composite weights '1,2': 2 weight(s) for 3" in bad
+    assert bad == (
+        "Composite, every step: mean of charA 0.33 | outfitB 0.33 | styleC 0.33 (3 UNet passes per step). "
+        "Warning: composite weights '1,2': 2 weight(s) for 3 composed LoRA(s); using equal weights."
+    )
+    assert "Warning: composite weights '1,x' are not comma-separated numbers" in preview_text(
+        PROMPT, 20, MultiLoraArgs(True, "Spatial", weights="1,x")
+    )
+
+
+def test_a_name_to_compose_that_is_not_in_the_prompt_is_said() -> None:
+    text = preview_text(PROMPT, 20, MultiLoraArgs(True, "Switch", loras="charA, mlZ"))
+    assert text == ("Will fall back to Merge: mlZ is not in the prompt (LoRAs to compose are among its <lora> tags).")
+    assert "one LoRA" in preview_text(PROMPT, 20, MultiLoraArgs(True, "Switch", loras="CHARA"))
+
+
+def test_picks_follow_the_field_and_a_pick_writes_it() -> None:
+    assert picks(PROMPT, "styleC, nope, chara") == ["charA", "styleC"], "prompt order and spelling"
+    assert picks("a cat", "charA") == []
+    assert names_for(PROMPT, ["styleC", "charA"], "") == "charA, styleC"
+    assert names_for(PROMPT, ["outfitB"], "charA, aliasX") == "outfitB, aliasX", "a typed name not in the prompt stays"
+    assert names_for(PROMPT, [], "charA") == ""
 
 
 def test_the_preview_shows_the_step_window() -> None:

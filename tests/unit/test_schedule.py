@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from lib_multilora.schedule import describe_schedule, sampling_step, switch_index, switch_schedule, window_steps
+from lib_multilora.schedule import (
+    active_loras,
+    describe_schedule,
+    hires_offset,
+    sampling_step,
+    switch_index,
+    switch_schedule,
+    window_steps,
+)
 
 
 def test_switch_cycles_every_tau_steps_in_prompt_order() -> None:
@@ -41,3 +49,15 @@ def test_window_bounds_read_like_prompt_editing_steps() -> None:
     assert list(window_steps(3, 6, 10)) == [3, 4, 5], "above 1: step numbers"
     assert list(window_steps(0.5, 0.5, 10)) == [], "an empty window"
     assert list(window_steps(4, 50, 10)) == [4, 5, 6, 7, 8, 9], "clipped to the pass"
+
+
+def test_active_loras_per_method_and_window() -> None:
+    assert [active_loras(i, 6, "Switch", 2, 2) for i in range(6)] == [[0], [0], [1], [1], [0], [0]]
+    window = (0.5, 1.0)  # steps 3-5 of 6; the schedule starts at step 3
+    assert [active_loras(i, 6, "Switch", 2, 1, window=window) for i in range(6)] == [[], [], [], [0], [1], [0]]
+    assert active_loras(0, 6, "Composite", 3, 5, weights=[0.5, 0.0, 0.5]) == [0, 2]
+    assert active_loras(0, 6, "Spatial", 2, 5) == [0, 1]
+
+
+def test_the_hires_pass_restarts_continues_or_runs_merged() -> None:
+    assert (hires_offset("Restart", 20), hires_offset("Continue", 20), hires_offset("Off", 20)) == (0, 20, None)
