@@ -39,6 +39,9 @@ class InstallingHost:
 
         return torch.device("cpu")
 
+    def refusal(self, p: Any, resolved: generation.Resolved) -> None:
+        return None
+
     def plan(self, p: Any, resolved: generation.Resolved) -> generation.Plan:
         return generation.Plan({}, exact_merge=True)
 
