@@ -1,7 +1,9 @@
 """How long a pass takes to start: the extension's pass start (``generation.start_pass``: resolve the LoRAs, refuse
 or plan the deltas, build the hooks, install) and its text-encoder policy (``apply_text_encoder_policy``, before the
-conds), timed inside a real host by its test probe (``/multilora-probe/pass-start-times``), for Composite over three
-LoRAs with the text encoder seeing only the first (so both run), one step, medians of ``--generations``.
+conds), timed inside a real host by its test probe (``/multilora-probe/pass-start-times``: the CPU time of the
+thread that runs them, so other load hardly moves it), for Composite over three LoRAs with the text encoder seeing
+only the first (so both run; ``--text-encoder All``: the policy has nothing to do, and the pass start gives no text
+encoder back), one step, medians of ``--generations``.
 
 ``--extension DIR`` times another checkout of this repository (an earlier commit, for a before/after): the probe
 times whatever ``lib_multilora.generation`` the host loaded.
@@ -29,7 +31,6 @@ from tests.hosts.ui import build_assets, host_server  # noqa: E402
 from tests.webui.server import WebuiClient  # noqa: E402
 
 PROMPT = "a photo of a cat <lora:mlA:0.5> <lora:mlB:0.5> <lora:mlC:0.5>"
-ARGS = {"enabled": True, "method": "Composite", "text_encoder": "First"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", choices=tuple(RECIPES), default="a1111")
     parser.add_argument("--generations", type=int, default=20)
     parser.add_argument("--extension", type=Path, default=REPO_ROOT)
+    parser.add_argument("--text-encoder", choices=("All", "First", "None"), default="First")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.host]
     webui_dir = Path(
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
             client = WebuiClient(server, timeout=600)
             client.post("/multilora-probe/recompute", {"enabled": False})
-            body = {"prompt": PROMPT, "steps": 1, "alwayson_scripts": {"Multi-LoRA Composition": {"args": [ARGS]}}}
+            named = {"enabled": True, "method": "Composite", "text_encoder": args.text_encoder}
+            body = {"prompt": PROMPT, "steps": 1, "alwayson_scripts": {"Multi-LoRA Composition": {"args": [named]}}}
             client.txt2img(**body)  # loads the LoRAs
             client.post("/multilora-probe/pass-start-times")
             for _ in range(args.generations):
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "host": args.host,
         "extension": str(args.extension),
+        "text_encoder": args.text_encoder,
         "generations": args.generations,
         **{f"{name}_ms": 1000 * statistics.median(times[name]) for name in times if times[name]},
         "calls": {name: len(values) for name, values in times.items()},

@@ -10,7 +10,8 @@ Endpoints:
   progress endpoint cannot tell the current generation from the previous one until ``state.begin`` has run.
 - ``POST /multilora-probe/pass-start-times``: from now on, times each call of the extension's pass start
   (``generation.start_pass``) and text-encoder policy (``generation.apply_text_encoder_policy``); ``GET``: the
-  seconds of each call so far, per function (bench/pass_start.py).
+  CPU seconds of each call so far (the calling thread's: other load does not count), per function
+  (bench/pass_start.py).
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ TIMES: dict[str, list[float]] = {name: [] for name in TIMED}
 
 def timed(name: str, function: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = time.thread_time()
         try:
             return function(*args, **kwargs)
         finally:
-            TIMES[name].append(time.perf_counter() - start)
+            TIMES[name].append(time.thread_time() - start)
 
     run.multilora_timed = True  # type: ignore[attr-defined]
     return run
