@@ -104,6 +104,12 @@ class PatcherHost:
         """Merge ``patcher``'s LoRAs into its model's weights now, as a plain generation leaves them."""
         raise NotImplementedError
 
+    def opaque_weights(self, patcher: Any) -> str | None:
+        """Why a delta computed from the UNet's weights (:class:`DenseDelta`: LyCORIS types, DoRA) would be wrong on
+        this patcher, if so: weights stored in a format whose tensors are not their values, LoRAs that the weights do
+        not hold. Plain low-rank deltas never read the weights."""
+        return None
+
     # --- the pass -------------------------------------------------------------------------------------------------
 
     def loaded_networks(self) -> list[Any]:
@@ -133,6 +139,11 @@ class PatcherHost:
         foreign = sorted({type(module).__name__ for module in deltas if not applicable(module)})
         if foreign:
             return f"the composed LoRAs patch {', '.join(foreign)} layers, which the hooks cannot apply"
+        opaque = self.opaque_weights(patcher)
+        dense = sorted({k for per_layer in deltas.values() for k, d in per_layer.items() if isinstance(d, DenseDelta)})
+        if opaque and dense:
+            names = ", ".join(generation.prompt_name(composed[k]) for k in dense)
+            return f"{names}: only plain LoRAs can be composed on UNet weights {opaque} (other types read the weights)"
         return Plan(deltas, exact_merge=self.storage_dtype(patcher) in FLOAT_STORAGE)
 
     def collect_deltas(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Delta]]:

@@ -105,11 +105,12 @@ def linked(client: WebuiClient, links: dict[Path, Path]) -> Iterator[None]:
 
 
 @contextmanager
-def checkpoint(client: WebuiClient, name: str, **warm_up: Any) -> Iterator[None]:
+def checkpoint(client: WebuiClient, name: str, warm_up: dict[str, Any] | None = None) -> Iterator[None]:
     """The server's model is checkpoint ``name`` for the block (the host loads it at the next generation); after it,
-    even after a failure, the previous one again, loaded by a 1-step image (``warm_up``: its other settings), as the
-    tests after it expect that model in memory. The client waits as long as for a server start meanwhile: loading, or
-    merging and encoding with a new LoRA set, outlasts its 60 s on a busy 2-core machine."""
+    even after a failure, the previous one again, loaded at once by a 1-step image of ``warm_up``'s settings if given
+    (for the modules after this one, which expect their model in memory), else at the next generation. The client
+    waits as long as for a server start meanwhile: loading, or merging and encoding with a new LoRA set, outlasts its
+    60 s on a busy 2-core machine."""
     previous, timeout = client.get("/sdapi/v1/options")["sd_model_checkpoint"], client.timeout
     client.timeout = max(timeout, START_TIMEOUT)
     try:
@@ -118,9 +119,32 @@ def checkpoint(client: WebuiClient, name: str, **warm_up: Any) -> Iterator[None]
     finally:
         try:
             client.post("/sdapi/v1/options", {"sd_model_checkpoint": previous})
-            client.txt2img(**{"prompt": PROMPT, "steps": 1, **warm_up})
+            if warm_up is not None:
+                client.txt2img(**{"prompt": PROMPT, "steps": 1, **warm_up})
         finally:
             client.timeout = timeout
+
+
+@contextmanager
+def unet_storage(client: WebuiClient, option: str) -> Iterator[None]:
+    """Forge's "Diffusion in Low Bits" is ``option`` for the block (the model reloads at the next generation if its
+    storage changes; the "fp16 LoRA" options apply LoRAs online), the previous option after it (the probe)."""
+    previous = client.post("/multilora-probe/unet-storage", {"option": option})["option"]
+    try:
+        yield
+    finally:
+        client.post("/multilora-probe/unet-storage", {"option": previous})
+
+
+@contextmanager
+def additional_modules(client: WebuiClient, paths: list[str]) -> Iterator[None]:
+    """Forge's "VAE / Text Encoder" modules are ``paths`` for the block (loaded beside the next checkpoint), the
+    previous ones after it (the probe)."""
+    previous = client.post("/multilora-probe/additional-modules", {"modules": paths})["modules"]
+    try:
+        yield
+    finally:
+        client.post("/multilora-probe/additional-modules", {"modules": previous})
 
 
 def xyz_args(x_type: int, x_values: str) -> list[Any]:

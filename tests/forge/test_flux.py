@@ -19,13 +19,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from hosts.tier import assert_no_trace, snapshot
 from webui.server import SAME, max_diff, mean_diff, trace
 
+from .flux_helpers import CFG3, FLUX, KOHYA, LAYOUT_IDS, LAYOUTS, STEPS, gen, within_floor
 from .helpers import (
     DIFFERENT,
     PROMPT,
@@ -36,10 +36,9 @@ from .helpers import (
     ml,
     model_links,
     multilora,
-    reference_within_floor,
     xyz_args,
 )
-from .server import SKIP_REASON, build_assets, forge_dir_from_env, tracebacks
+from .server import SKIP_REASON, forge_dir_from_env, tracebacks
 from .tiny_dit import FLUX_NAME, SCHNELL_NAME
 
 if TYPE_CHECKING:
@@ -57,26 +56,6 @@ pytestmark = [
     pytest.mark.forge2_only("the tiny Flux is built from Forge's backend classes and loaded by its detection"),
 ]
 
-STEPS = 4
-#: Flux-dev as its users run it: CFG 1 (no uncond), distilled guidance, Euler on the Simple schedule.
-FLUX: dict[str, Any] = {"steps": STEPS, "scheduler": "Simple", "cfg_scale": 1, "distilled_cfg_scale": 3.5}
-CFG3 = {"cfg_scale": 3}
-#: The prompts of each LoRA layout: the first LoRA, both, both swapped, the first in the transformer alone (the second
-#: in the text encoders only: Forge's ``<lora:name:te:unet>``) and that swapped.
-LAYOUTS = {
-    layout: {
-        "A": f"{PROMPT} <lora:{a}:0.5>",
-        "A twice": f"{PROMPT} <lora:{a}:0.3> <lora:{a}:0.2>",
-        "AB": f"{PROMPT} <lora:{a}:0.5> <lora:{b}:0.5>",
-        "BA": f"{PROMPT} <lora:{b}:0.5> <lora:{a}:0.5>",
-        "A unet": f"{PROMPT} <lora:{a}:0.5> <lora:{b}:0.5:0>",
-        "A unet swapped": f"{PROMPT} <lora:{b}:0.5:0> <lora:{a}:0.5>",
-    }
-    for layout, (a, b) in {"kohya": ("mfA", "mfB"), "diffusers": ("mfdA", "mfdB")}.items()
-}
-KOHYA = LAYOUTS["kohya"]
-LAYOUT_IDS = list(LAYOUTS)
-
 
 @dataclass(frozen=True)
 class FluxModel:
@@ -88,28 +67,15 @@ class FluxModel:
     load_log: str
 
 
-def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:
-    """A 64x64 txt2img as Flux-dev runs (:data:`FLUX`, seed 1234)."""
-    return forge.txt2img(prompt=prompt, **{**FLUX, **extra})
-
-
-def within_floor(forge: WebuiClient, one: str, other: str, **extra: Any) -> np.ndarray:
-    """``helpers.reference_within_floor`` as Flux-dev runs: ``one``'s image, ``other`` within the noise floor of it."""
-    return reference_within_floor(forge, one, other, **{**FLUX, **extra})
-
-
 @pytest.fixture(scope="module")
-def flux(
-    forge: WebuiClient, forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[FluxModel]:
-    """Build both Flux checkpoints and their LoRAs, link them into the session server's checkpoint and LoRA dirs and
-    make the dev one the current model; afterwards the session's checkpoint again and the files unlinked."""
-    manifest = build_assets(forge_dir, tmp_path_factory.mktemp("forge-flux"), script="tiny_dit.py")
-    links = model_links(manifest, forge_assets.ckpt.parent, forge_assets.lora_dir)
-    with linked(forge, links), checkpoint(forge, FLUX_NAME):
+def flux(forge: WebuiClient, forge_assets: ForgeAssets, flux_assets: dict[str, Any]) -> Iterator[FluxModel]:
+    """Link the Flux checkpoints and LoRAs into the session server's checkpoint and LoRA dirs and make the dev one
+    the current model; afterwards the session's checkpoint again (loaded) and the files unlinked."""
+    links = model_links(flux_assets, forge_assets.ckpt.parent, forge_assets.lora_dir)
+    with linked(forge, links), checkpoint(forge, FLUX_NAME, warm_up={}):
         mark = forge.log_mark()
         first = gen(forge, PROMPT)  # Forge loads the selected checkpoint at the next generation
-        yield FluxModel(manifest["loras"], first, forge.log_text(mark))
+        yield FluxModel(flux_assets["loras"], first, forge.log_text(mark))
 
 
 def parts(load_log: str) -> str:
@@ -139,9 +105,9 @@ def test_forge_loads_it_as_flux_dev_and_it_renders(forge: WebuiClient, flux: Flu
 
 
 def test_both_layouts_patch_every_key(forge: WebuiClient, flux: FluxModel) -> None:
-    """Forge matched every module of the kohya and the diffusers files, in the transformer and both text encoders
+    """Forge matched every module of the kohya, diffusers and LoHa files, in the transformer and both text encoders
     (its own count of the entries it made, none skipped: q, k and v as three slices of one fused weight)."""
-    names = ("mfA", "mfB", "mfB_te1", "mfB_te2", "mfdA", "mfdB")
+    names = ("mfA", "mfB", "mfB_te1", "mfB_te2", "mfdA", "mfdB", "mfLoha")
     mark = forge.log_mark()
     gen(forge, PROMPT + "".join(f" <lora:{name}:0.5>" for name in names), steps=1)
     log = forge.log_text(mark)
@@ -215,7 +181,7 @@ def test_disabled_is_bit_identical_to_forge_without_extension(
     """The second Forge (the probe only, the same model folders) runs the same Flux checkpoint for this test."""
     forge_without_extension.post("/sdapi/v1/refresh-checkpoints")
     forge_without_extension.post("/sdapi/v1/refresh-loras")
-    with checkpoint(forge_without_extension, FLUX_NAME):
+    with checkpoint(forge_without_extension, FLUX_NAME, warm_up={}):
         reference = forge_without_extension.txt2img(prompt=KOHYA["AB"], **FLUX)
     for extra in ({}, multilora("Composite", enabled=False)):
         ours = gen(forge, KOHYA["AB"], **extra)
@@ -305,7 +271,7 @@ def test_xyz_method_axis(forge: WebuiClient) -> None:
 def test_schnell(forge: WebuiClient) -> None:
     """FLUX.1-schnell's layout (no guidance embedding: Forge ignores the distilled scale, its sampling shift is
     schnell's): Switch with tau >= steps is the first LoRA in the transformer, Composite the per-step mean."""
-    with checkpoint(forge, SCHNELL_NAME, scheduler="Simple"):
+    with checkpoint(forge, SCHNELL_NAME):
         reference = within_floor(forge, KOHYA["A unet"], KOHYA["A unet swapped"])
         assert forge.get("/multilora-probe/status")["model_type"] == "Flux"
         switch = gen(forge, KOHYA["AB"], **multilora("Switch", tau=STEPS))

@@ -73,7 +73,7 @@ def sdxl(
     manifest = build_assets(forge_dir, tmp_path_factory.mktemp("forge-sdxl"), sdxl=True)
     with (
         linked(forge, model_links(manifest, forge_assets.ckpt.parent, forge_assets.lora_dir)),
-        checkpoint(forge, SDXL_NAME),
+        checkpoint(forge, SDXL_NAME, warm_up={}),
     ):
         mark = forge.log_mark()
         first = gen(forge, PROMPT)  # Forge loads the selected checkpoint at the next generation

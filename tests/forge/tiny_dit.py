@@ -27,7 +27,9 @@ LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as
 - kohya (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_te1_`` CLIP-L, ``lora_te2_`` T5: sd-scripts' names, which
   Forge maps 1:1): every linear of the double and single blocks, and the self-attention linears of both text
   encoders. ``mfA``, ``mfB``, and ``mfA2``, ``mfA``'s copy (its very tensors under another name); ``mfB_te1`` and
-  ``mfB_te2``, ``mfB``'s part in one text encoder each.
+  ``mfB_te2``, ``mfB``'s part in one text encoder each; ``mfLoha``, a LoHa (``hada_w1_a``...) on the double blocks'
+  attention linears and the text encoders' (a patch type other than a plain LoRA, which Forge merges from the
+  weight).
 - diffusers / ai-toolkit (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, no alpha): q, k and v
   separate (Forge patches slices of the fused ``qkv`` and single-block ``linear1``: offset entries), every other
   linear of the blocks, and CLIP-L's self-attention (``text_encoder.text_model...``). ``mfdA``, ``mfdB``.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,17 @@ FLUX_CONFIG = {
     "theta": 10000,
     "qkv_bias": True,
 }
+#: The dev transformer alone as GGUF files (as city96's Flux GGUFs are), one per quantization: Q8_0 (Forge requantizes
+#: it when it merges a LoRA) and Q6_K, a K-quant (Forge applies LoRAs to it online only). 2-D weights whose rows
+#: fill whole blocks are quantized; the rest (``img_in``, 64 wide) stays F16, vectors F32, as the converters do.
+GGUF_QUANTS = ("Q8_0", "Q6_K")
+#: The VAE and text encoders beside a GGUF transformer, each a file of its own in its usual key layout (Forge's
+#: "VAE / Text Encoder" modules): (file stem, key prefix in the single-file checkpoint).
+MODULES = (
+    ("tiny-flux-ae", "vae."),
+    ("tiny-flux-clip-l", "text_encoders.clip_l.transformer."),
+    ("tiny-flux-t5xxl", "text_encoders.t5xxl.transformer."),
+)
 TRANSFORMER_PREFIX = "model.diffusion_model."
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
@@ -76,7 +90,10 @@ LORAS = (
     ("mfB_te2", "te2", 2),
     ("mfdA", "diffusers", 3),
     ("mfdB", "diffusers", 4),
+    ("mfLoha", "loha", 5),
 )
+#: A LoRA file key's tensor name after its module's (kohya's, diffusers', LoHa's).
+FACTOR = re.compile(r"\.(lora_(down|up|A|B)\.weight|alpha|hada_w[12]_[ab])$")
 #: A text-encoder part's kohya prefix.
 PARTS = {"te1": "lora_te1_", "te2": "lora_te2_"}
 
@@ -140,14 +157,16 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Any
 
 def kohya_targets(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], bool]]:
     """(kohya module name, weight shape, attention?) for sd-scripts' Flux LoRA: every linear of the double and single
-    blocks; CLIP-L's (``lora_te1_``) and T5's (``lora_te2_``) self-attention linears."""
+    blocks (the double blocks' ``img_attn``/``txt_attn`` ones are attention); CLIP-L's (``lora_te1_``) and T5's
+    (``lora_te2_``) self-attention linears."""
     targets = []
     for key, shape in shapes.items():
         if not key.endswith(".weight") or len(shape) != 2:
             continue
         module = key[: -len(".weight")]
         if key.startswith(tuple(TRANSFORMER_PREFIX + blocks for blocks in ("double_blocks.", "single_blocks."))):
-            targets.append(("lora_unet_" + module[len(TRANSFORMER_PREFIX) :].replace(".", "_"), shape, False))
+            attention = "_attn." in key
+            targets.append(("lora_unet_" + module[len(TRANSFORMER_PREFIX) :].replace(".", "_"), shape, attention))
         elif key.startswith(CLIP_L_PREFIX) and ".self_attn." in key:
             targets.append(("lora_te1_" + module[len(CLIP_L_PREFIX) :].replace(".", "_"), shape, True))
         elif key.startswith(T5_PREFIX) and ".SelfAttention." in key and "relative_attention_bias" not in key:
@@ -191,8 +210,56 @@ def diffusers_names(tensors: dict[str, Any]) -> dict[str, Any]:
     return renamed
 
 
+def q6_k(rows: Any) -> Any:
+    """ggml's Q6_K blocks (210 bytes per 256 values: the low 4 and high 2 bits of each 6-bit level, one int8 scale per
+    16 values, the block's fp16 scale) of a float32 matrix whose rows are multiples of 256 wide: gguf-py quantizes no
+    K-quant, so this writes the plainest one, round to nearest, and checks it against Forge's own dequantizer."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = rows.reshape(-1, 16, 16).astype(np.float32)  # per block of 256: 16 scales of 16 values
+    n = blocks.shape[0]
+    sub = np.abs(blocks).max(-1) / 31
+    d = (sub.max(-1, keepdims=True) / 127).astype(np.float16)
+    step_d = np.where(d == 0, 1, d).astype(np.float32)
+    scales = np.clip(np.round(sub / step_d), -128, 127).astype(np.int8)
+    step = (d.astype(np.float32) * scales).reshape(-1, 1)
+    levels = np.clip(np.round(blocks.reshape(-1, 16) / np.where(step == 0, 1, step)), -32, 31).astype(np.int16) + 32
+    q = levels.astype(np.uint8).reshape(n, 2, 4, 32)  # per 128 values: four runs of 32
+    low = (q & 0x0F).reshape(n, 2, 2, 2, 32)  # runs (0, 1) in the low nibbles, (2, 3) in the high ones
+    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
+    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    out = np.concatenate([ql, qh.reshape(n, 64), scales.view(np.uint8), d.view(np.uint8)], axis=1)
+    expected = (step * (levels.astype(np.float32) - 32)).reshape(rows.shape)
+    assert np.array_equal(quants.dequantize(out, GGMLQuantizationType.Q6_K).reshape(rows.shape), expected)
+    return out.reshape(rows.shape[0], -1)
+
+
+def write_gguf(path: Path, transformer: dict[str, Any], quant: str) -> None:
+    """The transformer's tensors (keys without a prefix) as a GGUF file of ``quant``, with Forge's own gguf writer
+    (``packages_3rdparty/gguf``)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
+
+    qtype = GGMLQuantizationType[quant]
+    block = GGML_QUANT_SIZES[qtype][0]
+    writer = GGUFWriter(str(path), arch="flux")
+    for key, tensor in transformer.items():
+        data = tensor.float().numpy()
+        if data.ndim == 2 and data.shape[1] % block == 0:
+            packed = q6_k(data) if quant == "Q6_K" else quants.quantize(data, qtype)
+            writer.add_tensor(key, packed, raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, data.astype(np.float16 if data.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Write both checkpoints, the LoRAs and ``manifest.json`` under ``out_dir``; return the manifest."""
+    """Write the checkpoints (dev, schnell, the dev transformer as GGUF), the VAE and text encoders as files of their
+    own, the LoRAs and ``manifest.json`` under ``out_dir``; return the manifest."""
     import torch
     from safetensors.torch import save_file
     from tiny_model import RANK, lora_tensors
@@ -210,24 +277,35 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
     save_file(
         {key: value for key, value in state.items() if not key.startswith(guidance)}, str(checkpoints[SCHNELL_NAME])
     )
-    del state
+    transformer = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
+    for quant in GGUF_QUANTS:
+        checkpoints[f"{FLUX_NAME}-{quant}"] = ckpt_dir / f"{FLUX_NAME}-{quant}.gguf"
+        write_gguf(checkpoints[f"{FLUX_NAME}-{quant}"], transformer, quant)
+    modules = {}
+    for stem, prefix in MODULES:
+        modules[stem] = out_dir / "modules" / f"{stem}.safetensors"
+        modules[stem].parent.mkdir(exist_ok=True)
+        save_file({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, str(modules[stem]))
+    del state, transformer
     lora_dir = out_dir / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     targets = {"kohya": kohya_targets(shapes), "diffusers": diffusers_targets(shapes)}
     loras = {}
     for name, layout, offset in LORAS:
         generator = torch.Generator().manual_seed(seed * 1000 + 100 + offset)
-        tensors = lora_tensors("lora", targets["kohya" if layout in PARTS else layout], generator)
+        kind = "loha" if layout == "loha" else "lora"
+        tensors = lora_tensors(kind, targets["diffusers" if layout == "diffusers" else "kohya"], generator)
         if layout in PARTS:
             tensors = {key: value for key, value in tensors.items() if key.startswith(PARTS[layout])}
         elif layout == "diffusers":
             tensors = diffusers_names(tensors)
         path = lora_dir / f"{name}.safetensors"
         save_file(tensors, str(path), metadata={"ss_network_dim": str(RANK)})
-        modules = {key.partition(".lora_")[0] for key in tensors if ".lora_" in key}
-        n_unet = sum(module.startswith(("lora_unet_", "transformer.")) for module in modules)
-        loras[name] = {"path": str(path), "kind": layout, "n_unet": n_unet, "n_te": len(modules) - n_unet}
+        patched = {FACTOR.sub("", key) for key in tensors}
+        n_unet = sum(module.startswith(("lora_unet_", "transformer.")) for module in patched)
+        loras[name] = {"path": str(path), "kind": layout, "n_unet": n_unet, "n_te": len(patched) - n_unet}
     manifest = {
+        "modules": {stem: str(path) for stem, path in modules.items()},
         "ckpt": str(checkpoints[FLUX_NAME]),
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "lora_dir": str(lora_dir),

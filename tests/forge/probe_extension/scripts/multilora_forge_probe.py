@@ -19,6 +19,9 @@ Linked into the Forge tier's data dir (never shipped), on Forge or reForge (the 
   setting, applied as its UI applies it (``refresh_model_loading_parameters``): the next generation reloads the model
   with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option. Not on reForge
   (404), which has no such setting.
+- ``POST /multilora-probe/additional-modules {"modules": [path, ...]}``: Forge's "VAE / Text Encoder" choice (files
+  loaded beside a checkpoint that holds the transformer only, e.g. a GGUF), applied as its UI applies it; answers
+  the previous list. Not on reForge (404).
 - ``POST /multilora-probe/recompute {"enabled": false}``: the trace stops recomputing Composite and Spatial calls
   (``diff_vs_mean``...: UNet calls of their own, whose state an extension like SAG would keep); answers the previous
   setting.
@@ -178,15 +181,20 @@ def count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
 
 def flux_dimensions(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Flux's transformer dimensions as the weights give them (the rotary split: 16 for the first axis, the rest of
-    the head width halved between the two spatial axes, FLUX.1's [16, 56, 56] at 128)."""
-    hidden, patches = state_dict[f"{prefix}img_in.weight"].shape
-    head = state_dict[f"{prefix}double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    the head width halved between the two spatial axes, FLUX.1's [16, 56, 56] at 128). Shapes are read as ints: a
+    GGUF file's come as numpy integers."""
+
+    def shape(key: str) -> list[int]:
+        return [int(n) for n in state_dict[f"{prefix}{key}"].shape]
+
+    hidden, patches = shape("img_in.weight")
+    head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     return {
         "in_channels": patches // 4,
-        "vec_in_dim": state_dict[f"{prefix}vector_in.in_layer.weight"].shape[1],
-        "context_in_dim": state_dict[f"{prefix}txt_in.weight"].shape[1],
+        "vec_in_dim": shape("vector_in.in_layer.weight")[1],
+        "context_in_dim": shape("txt_in.weight")[1],
         "hidden_size": hidden,
-        "mlp_ratio": state_dict[f"{prefix}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        "mlp_ratio": shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
         "num_heads": hidden // head,
         "depth": count_blocks(state_dict, f"{prefix}double_blocks."),
         "depth_single_blocks": count_blocks(state_dict, f"{prefix}single_blocks."),
@@ -314,7 +322,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 setattr(model, flag, bool(value))
         return previous
 
-    if not REFORGE:  # Forge's "Diffusion in Low Bits"; reForge has none (404)
+    if not REFORGE:  # Forge's "Diffusion in Low Bits" and "VAE / Text Encoder"; reForge has neither (404)
 
         @app.post("/multilora-probe/unet-storage")
         def unet_storage(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008 - FastAPI's idiom
@@ -326,6 +334,17 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
                 main_entry.refresh_model_loading_parameters()
             return {"option": previous}
+
+        @app.post("/multilora-probe/additional-modules")
+        def additional_modules(body: dict[str, Any] = Body(...)) -> dict[str, list[str]]:  # noqa: B008 - FastAPI's idiom
+            from modules.call_queue import queue_lock
+            from modules_forge import main_entry
+
+            with queue_lock:
+                previous = list(shared.opts.forge_additional_modules)
+                shared.opts.set("forge_additional_modules", [str(path) for path in body["modules"]])
+                main_entry.refresh_model_loading_parameters()
+            return {"modules": previous}
 
     @app.post("/multilora-probe/recompute")
     def recompute(body: dict[str, Any] = Body(...)) -> dict[str, bool]:  # noqa: B008 - FastAPI's idiom
