@@ -15,10 +15,12 @@ STEPS = 4
 #: Flux-dev as its users run it: CFG 1 (no uncond), distilled guidance, Euler on the Simple schedule.
 FLUX: dict[str, Any] = {"steps": STEPS, "scheduler": "Simple", "cfg_scale": 1, "distilled_cfg_scale": 3.5}
 CFG3 = {"cfg_scale": 3}
-#: The prompts of each LoRA layout: the first LoRA, both, both swapped, the first in the transformer alone (the second
-#: in the text encoders only: Forge's ``<lora:name:te:unet>``) and that swapped.
-LAYOUTS = {
-    layout: {
+
+
+def prompts(a: str, b: str) -> dict[str, str]:
+    """The prompts of two LoRAs: the first, it at one weight as two patch sets, both, both swapped, the first in the
+    transformer alone (the second in the text encoders only: Forge's ``<lora:name:te:unet>``) and that swapped."""
+    return {
         "A": f"{PROMPT} <lora:{a}:0.5>",
         "A twice": f"{PROMPT} <lora:{a}:0.3> <lora:{a}:0.2>",
         "AB": f"{PROMPT} <lora:{a}:0.5> <lora:{b}:0.5>",
@@ -26,8 +28,11 @@ LAYOUTS = {
         "A unet": f"{PROMPT} <lora:{a}:0.5> <lora:{b}:0.5:0>",
         "A unet swapped": f"{PROMPT} <lora:{b}:0.5:0> <lora:{a}:0.5>",
     }
-    for layout, (a, b) in {"kohya": ("mfA", "mfB"), "diffusers": ("mfdA", "mfdB")}.items()
-}
+
+
+#: Flux's two LoRA layouts' prompts (kohya's and diffusers') and Chroma's.
+LAYOUTS = {"kohya": prompts("mfA", "mfB"), "diffusers": prompts("mfdA", "mfdB")}
+CHROMA = prompts("mcA", "mcB")
 KOHYA = LAYOUTS["kohya"]
 LAYOUT_IDS = list(LAYOUTS)
 

@@ -1,6 +1,6 @@
 """LoRA Switch and LoRA Composite on Flux inside a real Forge: FLUX.1-dev's layout (distilled guidance) and
 FLUX.1-schnell's, with LoRAs in kohya's layout (1:1 patches) and in diffusers'/ai-toolkit's (q, k and v as slices of
-the fused projections: Forge's offset patches).
+the fused projections: Forge's offset patches); and on Chroma, Flux's derivative.
 
 The session's Forge is switched to the tiny Flux checkpoints (``tiny_dit.py``) for this module and back to the SD1
 one after it, even on failure. Forge's own detection would take them for FLUX.1 at full size: the tier's probe
@@ -25,7 +25,7 @@ import pytest
 from hosts.tier import assert_no_trace, snapshot
 from webui.server import SAME, max_diff, mean_diff, trace
 
-from .flux_helpers import CFG3, FLUX, KOHYA, LAYOUT_IDS, LAYOUTS, STEPS, gen, within_floor
+from .flux_helpers import CFG3, CHROMA, FLUX, KOHYA, LAYOUT_IDS, LAYOUTS, STEPS, gen, within_floor
 from .helpers import (
     DIFFERENT,
     PROMPT,
@@ -39,7 +39,7 @@ from .helpers import (
     xyz_args,
 )
 from .server import SKIP_REASON, forge_dir_from_env, tracebacks
-from .tiny_dit import FLUX_NAME, SCHNELL_NAME
+from .tiny_dit import CHROMA_NAME, FLUX_NAME, SCHNELL_NAME
 
 if TYPE_CHECKING:
     from webui.server import Result, WebuiClient
@@ -279,3 +279,26 @@ def test_schnell(forge: WebuiClient) -> None:
         assert max_diff(reference, switch.image) <= SAME
         gen(forge, KOHYA["AB"], **multilora("Composite"))
         assert all(c["diff_vs_mean"] <= 1e-5 and c["spread"] > 1e-3 for c in trace(forge))
+
+
+def test_chroma(forge: WebuiClient) -> None:
+    """Chroma (Flux's blocks with a modulation network of their own, T5 alone, real CFG: 3 here, where Forge runs the
+    cond and the uncond rows as calls of their own, their token counts differing): Forge takes the file for Chroma,
+    Switch with tau >= steps is the first LoRA in the transformer, Composite over one LoRA is it and over two the
+    per-step mean."""
+    with checkpoint(forge, CHROMA_NAME):
+        mark = forge.log_mark()
+        reference = within_floor(forge, CHROMA["A unet"], CHROMA["A unet swapped"], **CFG3)
+        log = forge.log_text(mark)
+        assert re.findall(r"'(\w+)': \d+", parts(log)) == ["transformer", "vae", "text_encoder_2", "ignore"]
+        assert "Missing:" not in log and "Unexpected:" not in log, log
+        assert forge.get("/multilora-probe/status")["model_type"] == "Chroma"
+        for name in ("mcA", "mcB"):
+            assert_loaded(log, name, 20, 96)
+        switch = gen(forge, CHROMA["AB"], **CFG3, **multilora("Switch", tau=STEPS))
+        assert max_diff(reference, switch.image) <= SAME
+        single = within_floor(forge, CHROMA["A"], CHROMA["A twice"], **CFG3)
+        assert max_diff(single, gen(forge, CHROMA["A"], **CFG3, **multilora("Composite")).image) <= SAME
+        gen(forge, CHROMA["AB"], **CFG3, **multilora("Composite"))
+        calls = trace(forge)
+        assert len(calls) == 2 * STEPS and all(c["diff_vs_mean"] <= 1e-5 and c["spread"] > 1e-3 for c in calls)

@@ -185,8 +185,9 @@ def test_img2img_schedules_on_the_steps_actually_run_and_leaves_no_trace(forge: 
 
 @pytest.fixture
 def unsupported_model(forge: WebuiClient) -> Iterator[None]:
-    """Forge's model presented as none of SD1/SD2/SDXL (the probe flips its flags), put back afterwards."""
-    previous = forge.post("/multilora-probe/model-flags", {"is_sd1": False})
+    """Forge's model presented as SD3, which Multi-LoRA does not cover (the probe flips its flags), put back
+    afterwards."""
+    previous = forge.post("/multilora-probe/model-flags", {"is_sd1": False, "is_sd3": True})
     try:
         yield
     finally:
@@ -217,8 +218,8 @@ def test_unsupported_model_type_is_refused(forge: WebuiClient) -> None:
     plain = gen(forge, AB)
     result = gen(forge, AB, **ml(method="Composite", text_encoder="None"))
     assert max_diff(plain.image, result.image) == 0
-    covered = "SD1, SD2 and SDXL" if REFORGE else "SD1, SD2, SDXL and Flux"
-    assert f"models are not supported ({covered} are)" in result.infotext, result.infotext
+    covered = "SD1, SD2 and SDXL" if REFORGE else "SD1, SD2, SDXL, Flux and Chroma"
+    assert f"SD3 models are not supported ({covered} are)" in result.infotext, result.infotext
     assert "Multi-LoRA method" not in result.infotext and trace(forge) == []
 
 

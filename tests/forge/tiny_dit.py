@@ -1,5 +1,6 @@
 """Write the Forge tier's tiny random Flux checkpoints (FLUX.1-dev's layout, with its guidance embedding, and
-FLUX.1-schnell's, without) and Flux LoRAs in the two layouts users have: kohya's and diffusers'/ai-toolkit's.
+FLUX.1-schnell's, without; the dev transformer as GGUF files too; Chroma's) and Flux LoRAs in the two layouts users
+have: kohya's and diffusers'/ai-toolkit's.
 
 Run as a script with the host's python (``server.build_assets`` does, in a subprocess), so that pytest's process never
 imports Forge::
@@ -19,7 +20,9 @@ probe: ``multilora_forge_probe.py``). Forge builds the rest from its bundled ``b
 the VAE full size (16 latent channels, 84M), CLIP-L with its widths (its MLP is narrower: Forge's linear layers take
 whatever the file holds) and T5-XXL at its width 4096 and 24 blocks, its attention and MLP 64 wide inside (the
 embedding alone is 32128 x 4096). The keys are those of a single-file Flux checkpoint: ``model.diffusion_model.``,
-``vae.``, ``text_encoders.clip_l.transformer.``, ``text_encoders.t5xxl.transformer.``. Every tensor is seeded random
+``vae.``, ``text_encoders.clip_l.transformer.``, ``text_encoders.t5xxl.transformer.``. Chroma's
+(``tiny-chroma``) has the same blocks, VAE and T5 and no CLIP-L; its modulation network is Forge's fixed one
+(5120 wide, 5 layers: ``GuessChroma``) with narrow inner layers. Every tensor is seeded random
 (norm weights and RMSNorm scales around 1) and none is zero; both checkpoints share every tensor they both have.
 
 LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as the SD1 tier's):
@@ -30,6 +33,8 @@ LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as
   ``mfB_te2``, ``mfB``'s part in one text encoder each; ``mfLoha``, a LoHa (``hada_w1_a``...) on the double blocks'
   attention linears and the text encoders' (a patch type other than a plain LoRA, which Forge merges from the
   weight).
+- Chroma: ``mcA``, ``mcB`` (kohya, Chroma's block linears and T5's attention: Chroma has no modulation layers nor
+  CLIP-L, and Forge skips a file with more than 12 keys it cannot place).
 - diffusers / ai-toolkit (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, no alpha): q, k and v
   separate (Forge patches slices of the fused ``qkv`` and single-block ``linear1``: offset entries), every other
   linear of the blocks, and CLIP-L's self-attention (``text_encoder.text_model...``). ``mfdA``, ``mfdB``.
@@ -46,6 +51,8 @@ from typing import Any
 #: The checkpoints: FLUX.1-dev's layout (guidance embedding: distilled CFG) and FLUX.1-schnell's.
 FLUX_NAME = "tiny-flux-dev"
 SCHNELL_NAME = "tiny-flux-schnell"
+#: Chroma (Flux's double and single blocks, a modulation network instead of Flux's modulation layers, T5 only).
+CHROMA_NAME = "tiny-chroma"
 #: Forge's ``IntegratedFluxTransformer2DModel`` arguments (``guidance_embed`` per checkpoint).
 FLUX_CONFIG = {
     "in_channels": 16,
@@ -75,6 +82,11 @@ TRANSFORMER_PREFIX = "model.diffusion_model."
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 VAE_PREFIX = "vae."
+#: Chroma's modulation network as Forge builds it for every Chroma file (``backend/loader.py``'s ``GuessChroma``): its
+#: width and depth are fixed (its RMSNorms are built 5120 wide), its output is the transformer's width (a lazy linear)
+#: and its MLPs' inner width is free (lazy linears): CHROMA_INNER.
+CHROMA_GUIDANCE = {"guidance_hidden_dim": 5120, "guidance_n_layers": 5}
+CHROMA_INNER = 64
 #: The inner widths of the text encoders' lazy linears: CLIP-L's MLP, T5's attention (64 heads of 1) and MLP.
 CLIP_MLP = 64
 T5_INNER = 64
@@ -91,6 +103,8 @@ LORAS = (
     ("mfdA", "diffusers", 3),
     ("mfdB", "diffusers", 4),
     ("mfLoha", "loha", 5),
+    ("mcA", "chroma", 6),
+    ("mcB", "chroma", 7),
 )
 #: A LoRA file key's tensor name after its module's (kohya's, diffusers', LoHa's).
 FACTOR = re.compile(r"\.(lora_(down|up|A|B)\.weight|alpha|hada_w[12]_[ab])$")
@@ -99,20 +113,28 @@ PARTS = {"te1": "lora_te1_", "te2": "lora_te2_"}
 
 
 def host_modules(forge_dir: Path) -> dict[str, Any]:
-    """Forge's Flux transformer, T5, VAE and config reader (``tiny_model.forge_modules`` sets up its paths and CPU
-    flag)."""
+    """Forge's Flux and Chroma transformers, T5, VAE and config reader (``tiny_model.forge_modules`` sets up its paths
+    and CPU flag)."""
     from tiny_model import forge_modules
 
     vae = forge_modules(forge_dir)[1]
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.nn.t5 import IntegratedT5
     from backend.utils import read_arbitrary_config
 
-    return {"flux": IntegratedFluxTransformer2DModel, "t5": IntegratedT5, "vae": vae, "read": read_arbitrary_config}
+    return {
+        "flux": IntegratedFluxTransformer2DModel,
+        "chroma": IntegratedChromaTransformer2DModel,
+        "t5": IntegratedT5,
+        "vae": vae,
+        "read": read_arbitrary_config,
+    }
 
 
-def flux_shapes(forge_dir: Path, guidance: bool) -> dict[str, tuple[int, ...]]:
-    """Every key of the single-file checkpoint and its shape (see the module docstring)."""
+def checkpoint_shapes(forge_dir: Path, chroma: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every key of the single-file checkpoint and its shape: Flux-dev's (its transformer, VAE, CLIP-L and T5) or,
+    with ``chroma``, Chroma's (its transformer, the same VAE and T5). See the module docstring."""
     import torch
     from tiny_model import IntegratedCLIP, meta_shapes
     from transformers import CLIPTextConfig
@@ -122,20 +144,32 @@ def flux_shapes(forge_dir: Path, guidance: bool) -> dict[str, tuple[int, ...]]:
     clip_config = CLIPTextConfig.from_pretrained(str(repo / "text_encoder"))
     clip_config.intermediate_size = CLIP_MLP
     with torch.device("meta"):
-        parts = (
-            (TRANSFORMER_PREFIX, host["flux"](**FLUX_CONFIG, guidance_embed=guidance)),
+        if chroma:
+            transformer = host["chroma"](**FLUX_CONFIG, guidance_out_dim=FLUX_CONFIG["hidden_size"], **CHROMA_GUIDANCE)
+        else:
+            transformer = host["flux"](**FLUX_CONFIG, guidance_embed=True)
+        parts = [
+            (TRANSFORMER_PREFIX, transformer),
             (VAE_PREFIX, host["vae"].from_config(host["vae"].load_config(str(repo / "vae")))),
-            (CLIP_L_PREFIX[: -len("transformer.")], IntegratedCLIP(clip_config, False)),
             (T5_PREFIX[: -len("transformer.")], host["t5"](host["read"](str(repo / "text_encoder_2")))),
-        )
-    shapes = meta_shapes(parts)
+        ]
+        if not chroma:
+            parts.insert(2, (CLIP_L_PREFIX[: -len("transformer.")], IntegratedCLIP(clip_config, False)))
+    shapes = meta_shapes(tuple(parts))
     for key, shape in shapes.items():
         layer = key.split(".")[-2]
         if key.startswith(T5_PREFIX) and layer in T5_INNER_AXIS:
-            shape = list(shape)
-            shape[T5_INNER_AXIS[layer]] = T5_INNER
-            shapes[key] = tuple(shape)
+            shapes[key] = narrowed(shape, T5_INNER_AXIS[layer], T5_INNER)
+        elif key.startswith(TRANSFORMER_PREFIX + "distilled_guidance_layer.layers.") and (
+            key.endswith(".weight") or layer == "in_layer"
+        ):  # the inner side of each MLP: in_layer's out (weight and bias), out_layer's in
+            shapes[key] = narrowed(shape, 0 if layer == "in_layer" else 1, CHROMA_INNER)
     return {key: shape for key, shape in shapes.items() if not key.endswith("logit_scale")}
+
+
+def narrowed(shape: tuple[int, ...], axis: int, width: int) -> tuple[int, ...]:
+    """``shape`` with dimension ``axis`` set to ``width`` (a lazy linear's inner side)."""
+    return tuple(width if i == axis else n for i, n in enumerate(shape))
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Any]:
@@ -266,7 +300,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
 
     ckpt_dir = out_dir / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    shapes = flux_shapes(forge_dir, guidance=True)
+    shapes = checkpoint_shapes(forge_dir)
     state = random_state(shapes, seed)
     checkpoints = {
         FLUX_NAME: ckpt_dir / f"{FLUX_NAME}.safetensors",
@@ -287,14 +321,21 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
         modules[stem].parent.mkdir(exist_ok=True)
         save_file({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, str(modules[stem]))
     del state, transformer
+    chroma_shapes = checkpoint_shapes(forge_dir, chroma=True)
+    checkpoints[CHROMA_NAME] = ckpt_dir / f"{CHROMA_NAME}.safetensors"
+    save_file(random_state(chroma_shapes, seed), str(checkpoints[CHROMA_NAME]))
     lora_dir = out_dir / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"kohya": kohya_targets(shapes), "diffusers": diffusers_targets(shapes)}
+    targets = {
+        "kohya": kohya_targets(shapes),
+        "diffusers": diffusers_targets(shapes),
+        "chroma": kohya_targets(chroma_shapes),
+    }
     loras = {}
     for name, layout, offset in LORAS:
         generator = torch.Generator().manual_seed(seed * 1000 + 100 + offset)
         kind = "loha" if layout == "loha" else "lora"
-        tensors = lora_tensors(kind, targets["diffusers" if layout == "diffusers" else "kohya"], generator)
+        tensors = lora_tensors(kind, targets[layout if layout in ("diffusers", "chroma") else "kohya"], generator)
         if layout in PARTS:
             tensors = {key: value for key, value in tensors.items() if key.startswith(PARTS[layout])}
         elif layout == "diffusers":

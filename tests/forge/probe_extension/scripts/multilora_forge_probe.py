@@ -167,8 +167,9 @@ def loaded_models() -> list[Any]:
 # embedding is read from it). A test model small enough for a CPU cannot load then, and nothing else can make it:
 # this reads those dimensions from the weights, as reForge's and ComfyUI's detection count the blocks. For a real
 # FLUX.1 file it returns what the original does (its rotary split [16, 56, 56] is the rule below at head width 128),
-# and every other model type goes to the original untouched. Everything after it (the loader, the patchers, the LoRA
-# key maps, sampling) is Forge's own.
+# and every other model type goes to the original untouched. Chroma files take the same branch (Forge tells them from
+# Flux-schnell later, by their modulation network). Everything after it (the loader, the patchers, the LoRA key maps,
+# sampling) is Forge's own.
 
 
 def count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
@@ -189,9 +190,14 @@ def flux_dimensions(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
 
     hidden, patches = shape("img_in.weight")
     head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    pooled = (
+        {"vec_in_dim": shape("vector_in.in_layer.weight")[1]}
+        if f"{prefix}vector_in.in_layer.weight" in state_dict
+        else {}
+    )
     return {
+        **pooled,  # Chroma has no pooled vector input
         "in_channels": patches // 4,
-        "vec_in_dim": shape("vector_in.in_layer.weight")[1],
         "context_in_dim": shape("txt_in.weight")[1],
         "hidden_size": hidden,
         "mlp_ratio": shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
