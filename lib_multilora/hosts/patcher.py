@@ -5,7 +5,9 @@ patcher: with a model function wrapper (the sampler calls it with ``apply_model`
 that runs :class:`MethodInner`; and, when a composed LoRA is not a plain LoRA, without the composed LoRAs' patches,
 so that the merge takes in only the others and the hooks add each composed one's delta as the host's own merge
 computes it (a layer's weight and bias patches as one delta). Plain LoRAs stay merged and the hooks subtract the
-other composed ones, unless the weights are fp8 (the merge rounds the LoRAs into them: then they are taken out too).
+other composed ones, unless the weights are not float (fp8, GGUF: the merge rounds the LoRAs into them) or the LoRAs
+are applied online: then they are taken out too, and on weights a delta cannot be computed from
+(:meth:`PatcherHost.opaque_weights`) only plain LoRAs, whose hooks never read the weights, are composed.
 ``finish_pass`` puts the original patcher back, and its weights if the pass changed them, and leaves the clone, which
 the memory management keeps loaded until the next generation, without our wrapper.
 

@@ -53,7 +53,10 @@ np = pytest.importorskip("numpy")
 
 pytestmark = [
     pytest.mark.usefixtures("flux", "no_tracebacks"),
-    pytest.mark.forge2_only("the tiny Flux is built from Forge's backend classes and loaded by its detection"),
+    pytest.mark.forge2_only(
+        "reForge's webui layer builds every checkpoint but SD3 as an A1111 SD1/SD2/SDXL model "
+        "(modules_forge/forge_loader.py): it has no Flux text path (T5, pooled CLIP-L, guidance), no Flux or Chroma"
+    ),
 ]
 
 
@@ -145,8 +148,8 @@ def test_switch_with_tau_at_least_steps_equals_first_lora_in_the_transformer(for
     switch = gen(forge, prompts["AB"], **multilora("Switch", tau=STEPS))
     calls = trace(forge)
     assert [c["active"] for c in calls] == [[0]] * STEPS
-    # kohya LoRAs stay merged (plain low-rank hooks); the diffusers file's slices are taken out of the weights
-    assert all(c["patched"] == (["mfA", "mfB"] if layout == "kohya" else []) for c in calls), calls
+    if layout == "kohya":  # plain LoRAs stay merged, the hooks subtract the other
+        assert all(c["patched"] == ["mfA", "mfB"] for c in calls), calls
     assert max_diff(reference, switch.image) <= SAME
     assert mean_diff(gen(forge, prompts["AB"]).image, switch.image) > DIFFERENT, "differs from Merge"
 
@@ -204,7 +207,7 @@ def test_text_encoder_first_mutes_the_second_lora_in_clip_l_and_t5(forge: WebuiC
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
 def test_no_trace_after_each_layout(forge: WebuiClient, layout: str) -> None:
     """kohya: Switch with the text-encoder policy (hooks on the merged weights, conds from a CLIP patcher of the
-    policy's own); diffusers: Batched Composite (the composed slices taken out of the weights and merged back)."""
+    policy's own); diffusers: Batched Composite (deltas on slices of the fused q/k/v)."""
     prompts = LAYOUTS[layout]
     run = lambda: gen(forge, prompts["AB"])  # noqa: E731 - the plain generation, run again by assert_no_trace
     before = snapshot(forge, run)

@@ -40,7 +40,7 @@ np = pytest.importorskip("numpy")
 
 pytestmark = [
     pytest.mark.usefixtures("quantized"),
-    pytest.mark.forge2_only("Diffusion in Low Bits and GGUF files are Forge's; reForge has neither"),
+    pytest.mark.forge2_only("Diffusion in Low Bits is Forge's, and reForge does not generate with Flux (test_flux.py)"),
 ]
 
 Q8_0, Q6_K = f"{FLUX_NAME}-Q8_0", f"{FLUX_NAME}-Q6_K"

@@ -7,9 +7,10 @@ imports Forge::
 
     python tests/forge/tiny_dit.py OUT_DIR --forge FORGE_DIR [--seed 0]
 
-It writes ``OUT_DIR/Stable-diffusion/tiny-flux-dev.safetensors`` and ``tiny-flux-schnell.safetensors``,
-``OUT_DIR/Lora/<name>.safetensors`` and ``OUT_DIR/manifest.json`` (the checkpoints and, per LoRA, its layout and how
-many transformer and text-encoder patch entries Forge makes of it).
+It writes ``OUT_DIR/Stable-diffusion/``: ``tiny-flux-dev.safetensors``, ``tiny-flux-schnell.safetensors``,
+``tiny-flux-dev-Q8_0.gguf``, ``tiny-flux-dev-Q6_K.gguf`` and ``tiny-chroma.safetensors``; ``OUT_DIR/modules/`` (the VAE
+and text encoders beside a GGUF), ``OUT_DIR/Lora/<name>.safetensors`` and ``OUT_DIR/manifest.json`` (the files and, per
+LoRA, its layout and how many transformer and text-encoder patch entries Forge makes of it).
 
 The shapes come from Forge's own classes built on the meta device: the transformer is Forge's
 ``IntegratedFluxTransformer2DModel`` at hidden 256 (4 heads of 64, ``axes_dim`` [16, 24, 24]: the rotary dims sum to
@@ -23,7 +24,8 @@ embedding alone is 32128 x 4096). The keys are those of a single-file Flux check
 ``vae.``, ``text_encoders.clip_l.transformer.``, ``text_encoders.t5xxl.transformer.``. Chroma's
 (``tiny-chroma``) has the same blocks, VAE and T5 and no CLIP-L; its modulation network is Forge's fixed one
 (5120 wide, 5 layers: ``GuessChroma``) with narrow inner layers. Every tensor is seeded random
-(norm weights and RMSNorm scales around 1) and none is zero; both checkpoints share every tensor they both have.
+(norm weights and RMSNorm scales around 1) and none is zero; each key's tensor is drawn from a seed of its own, so the
+files share every tensor they have in common.
 
 LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as the SD1 tier's):
 
@@ -53,7 +55,8 @@ FLUX_NAME = "tiny-flux-dev"
 SCHNELL_NAME = "tiny-flux-schnell"
 #: Chroma (Flux's double and single blocks, a modulation network instead of Flux's modulation layers, T5 only).
 CHROMA_NAME = "tiny-chroma"
-#: Forge's ``IntegratedFluxTransformer2DModel`` arguments (``guidance_embed`` per checkpoint).
+#: Forge's ``IntegratedFluxTransformer2DModel`` arguments (and ``IntegratedChromaTransformer2DModel``'s, with its
+#: modulation network's instead of the guidance embedding).
 FLUX_CONFIG = {
     "in_channels": 16,
     "vec_in_dim": 768,

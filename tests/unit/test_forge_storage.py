@@ -53,3 +53,16 @@ def test_forge_merges_loras_only_into_gguf_types_it_can_quantize_again() -> None
     model.plain = nn.Linear(2, 2)
     patcher = SimpleNamespace(model=model, lora_patches={("a", 1, 1, False): {"layer.weight": [], "plain.weight": []}})
     assert gguf_classes(patcher) == {Q6_K}
+
+
+def test_bitsandbytes_weights_are_refused_by_name_and_fp8_ones_are_not() -> None:
+    def patcher(storage: object) -> SimpleNamespace:
+        return SimpleNamespace(
+            model=SimpleNamespace(storage_dtype=storage), lora_patches={}, has_online_lora=lambda: False
+        )
+
+    said = ForgeHost().refusal(None, patcher("nf4"))
+    assert said is not None and "nf4 (bitsandbytes, which needs CUDA)" in said
+    assert ForgeHost().refusal(None, patcher(torch.float8_e4m3fn)) is None
+    assert ForgeHost().opaque_weights(patcher("gguf")) == "stored as gguf"
+    assert ForgeHost().opaque_weights(patcher(torch.float8_e4m3fn)) is None
