@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", choices=("a1111", "forge"), default="forge")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="image width and height (the hint is 64x64, resized)")
     args = parser.parse_args(argv)
     import numpy as np
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     client.post("/sdapi/v1/options", {REUSE: reuse})
                 for steps in (1, 21):
                     before = cpu_seconds(server.proc.pid)
-                    client.txt2img(prompt=PROMPT, steps=steps, alwayson_scripts=scripts)
+                    size = {"width": args.size, "height": args.size}
+                    client.txt2img(prompt=PROMPT, steps=steps, alwayson_scripts=scripts, **size)
                     samples.setdefault((case, steps), []).append(cpu_seconds(server.proc.pid) - before)
         per_step = {
             case: (statistics.median(samples[(case, 21)]) - statistics.median(samples[(case, 1)])) / 20
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         unet, cn = per_step["merge"], per_step["merge+cn"] - per_step["merge"]
         report = {
             "host": args.host,
+            "size": args.size,
             "per_step_cpu_s": per_step,
             "composite_over_merge": per_step["composite"] / unet,
             "composite_over_merge_with_unit": per_step["composite+cn"] / per_step["merge+cn"],

@@ -15,13 +15,34 @@ from typing import Any
 
 import torch
 
+from ..engine import LowRankDelta
 from .patcher import Entries, PatcherHost
 
-#: bitsandbytes and GGUF storage: the weights are quantized tensors, which neither Forge's merge arithmetic nor the
-#: engine's dense deltas read as they are.
+#: bitsandbytes and GGUF storage: the weights are quantized tensors, which the engine's dense deltas cannot read as they
+#: are (Forge's merge dequantizes them, merges and quantizes again; plain low-rank hooks never read them).
 QUANTIZED_STORAGE = ("nf4", "fp4", "gguf")
+#: bitsandbytes' 4-bit storage, which only runs on CUDA: the pass is not tested on it.
+BITSANDBYTES_STORAGE = ("nf4", "fp4")
 #: Forge's "lora" patch factors: (up, down, alpha, mid, dora_scale).
 PLAIN_LORA = "lora"
+
+
+def gguf_classes(patcher: Any) -> set[type]:
+    """The GGUF quantization classes of the UNet weights that ``patcher``'s LoRAs patch (none for other storage)."""
+    found = set()
+    for patches in patcher.lora_patches.values():
+        for key in patches:
+            path, attribute = key.rsplit(".", 1)
+            cls = getattr(getattr(patcher.model.get_submodule(path), attribute, None), "gguf_cls", None)
+            if cls is not None:
+                found.add(cls)
+    return found
+
+
+def requantizes(cls: type) -> bool:
+    """Whether Forge can quantize a merged weight back into this GGUF type (Q8_0, Q5_0, Q4_0: the types that define
+    ``quantize_blocks_pytorch``; the K-quants do not, and Forge's merge raises on them)."""
+    return "quantize_blocks_pytorch" in vars(cls)
 
 
 def filename(net: Any) -> str:
@@ -33,16 +54,43 @@ class ForgeHost(PatcherHost):
     """Forge's ``backend/`` patchers."""
 
     merges_each_mention = False
+    #: Forge's Flux engine (``backend/diffusion_engine/flux.py``: FLUX.1-dev and -schnell) and Chroma (``chroma.py``,
+    #: Flux's blocks without its modulation layers), DiTs whose LoRAs are patches of their transformer's linears like
+    #: any UNet's; SD3 (``sd35.py``) is not tested.
+    covered_models = ("Flux", "Chroma")
 
     def backend_refusal(self, p: Any, patcher: Any) -> str | None:
-        """LoRAs applied online (low-bit weights with an "fp16 LoRA" option: merged in every forward, not into the
-        weights) and quantized weights (bnb nf4/fp4, GGUF)."""
-        if any(key[3] for key in patcher.lora_patches):
-            return "LoRAs applied online (Forge's fp16 LoRA option for low-bit weights) cannot be composed yet"
+        """bitsandbytes' nf4/fp4 weights (CUDA only: not tested). Quantized and fp8 weights are composed as fp8 ones
+        are: the composed LoRAs taken out of the pass's patcher (merged or online) and added by hooks, which never read
+        the weights when the LoRAs are plain (:meth:`opaque_weights` refuses the others)."""
+        storage = self.storage_dtype(patcher)
+        if storage in BITSANDBYTES_STORAGE:
+            return f"UNet weights stored as {storage} (bitsandbytes, which needs CUDA) cannot be composed: not tested"
+        unmergeable = sorted({cls.__name__ for cls in gguf_classes(patcher) if not requantizes(cls)})
+        if unmergeable and not patcher.has_online_lora():
+            # the pass would put the LoRAs back into the weights at its end, as Forge's own merge does: it cannot
+            return (
+                f"Forge merges no LoRA into {', '.join(unmergeable)} GGUF weights (its 'fp16 LoRA' options apply them "
+                "online)"
+            )
+        return None
+
+    def opaque_weights(self, patcher: Any) -> str | None:
+        """GGUF weights are blocks of quantized values; LoRAs applied online (the "fp16 LoRA" options) are merged into
+        a copy of the weight in every forward, never into the weights a delta would be computed from."""
         storage = self.storage_dtype(patcher)
         if storage in QUANTIZED_STORAGE:
-            return f"UNet weights stored as {storage} cannot be composed yet"
+            return f"stored as {storage}"
+        if patcher.has_online_lora():
+            return "with LoRAs applied online (Forge's fp16 LoRA option)"
         return None
+
+    def plain_low_rank(self, entry: Any, weight: torch.Tensor) -> LowRankDelta | None:
+        """A GGUF weight holds its blocks of quantized values: the factors are matched against a stand-in of the
+        weight's own shape (``ParameterGGUF.shape``)."""
+        if getattr(weight, "gguf_cls", None) is not None:
+            weight = torch.empty(weight.shape, device="meta")
+        return super().plain_low_rank(entry, weight)
 
     def storage_dtype(self, patcher: Any) -> Any:
         return getattr(patcher.model, "storage_dtype", None)

@@ -5,7 +5,9 @@ patcher: with a model function wrapper (the sampler calls it with ``apply_model`
 that runs :class:`MethodInner`; and, when a composed LoRA is not a plain LoRA, without the composed LoRAs' patches,
 so that the merge takes in only the others and the hooks add each composed one's delta as the host's own merge
 computes it (a layer's weight and bias patches as one delta). Plain LoRAs stay merged and the hooks subtract the
-other composed ones, unless the weights are fp8 (the merge rounds the LoRAs into them: then they are taken out too).
+other composed ones, unless the weights are not float (fp8, GGUF: the merge rounds the LoRAs into them) or the LoRAs
+are applied online: then they are taken out too, and on weights a delta cannot be computed from
+(:meth:`PatcherHost.opaque_weights`) only plain LoRAs, whose hooks never read the weights, are composed.
 ``finish_pass`` puts the original patcher back, and its weights if the pass changed them, and leaves the clone, which
 the memory management keeps loaded until the next generation, without our wrapper.
 
@@ -71,6 +73,8 @@ class PatcherHost:
 
     #: A LoRA written twice in the prompt: reForge patches it twice, Forge once per distinct weight.
     merges_each_mention: bool = False
+    #: Model types besides SD1/SD2/SDXL whose LoRA patches this backend's pass covers (``generation.Host``).
+    covered_models: tuple[str, ...] = ()
 
     # --- what each backend answers -------------------------------------------------------------------------------
 
@@ -101,6 +105,12 @@ class PatcherHost:
     def remerge(self, patcher: Any) -> None:
         """Merge ``patcher``'s LoRAs into its model's weights now, as a plain generation leaves them."""
         raise NotImplementedError
+
+    def opaque_weights(self, patcher: Any) -> str | None:
+        """Why a delta computed from the UNet's weights (:class:`DenseDelta`: LyCORIS types, DoRA) would be wrong on
+        this patcher, if so: weights stored in a format whose tensors are not their values, LoRAs that the weights do
+        not hold. Plain low-rank deltas never read the weights."""
+        return None
 
     # --- the pass -------------------------------------------------------------------------------------------------
 
@@ -134,10 +144,17 @@ class PatcherHost:
             return f"the composed LoRAs patch {', '.join(foreign)} layers, which the hooks cannot apply"
         return None
 
-    def plan(self, p: Any, resolved: Resolved) -> Plan:
-        """The pass's per-layer deltas (:meth:`collect_deltas`), for a pass :meth:`refusal` lets through."""
+    def plan(self, p: Any, resolved: Resolved) -> Plan | str:
+        """The pass's per-layer deltas (:meth:`collect_deltas`), for a pass :meth:`refusal` lets through; or why not,
+        when a composed LoRA's delta would have to be computed from weights it cannot read (:meth:`opaque_weights`)."""
         patcher = p.sd_model.forge_objects.unet
-        deltas = self.collect_deltas(p, patcher, resolved.composed)
+        composed = resolved.composed
+        deltas = self.collect_deltas(p, patcher, composed)
+        opaque = self.opaque_weights(patcher)
+        dense = sorted({k for per_layer in deltas.values() for k, d in per_layer.items() if isinstance(d, DenseDelta)})
+        if opaque and dense:
+            names = ", ".join(generation.prompt_name(composed[k]) for k in dense)
+            return f"{names}: only plain LoRAs can be composed on UNet weights {opaque} (other types read the weights)"
         return Plan(deltas, exact_merge=self.storage_dtype(patcher) in FLOAT_STORAGE)
 
     def collect_deltas(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Delta]]:

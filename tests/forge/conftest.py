@@ -93,6 +93,13 @@ def forge_assets(forge_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> F
 
 
 @pytest.fixture(scope="session")
+def flux_assets(forge_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny Flux checkpoints (dev, schnell, the dev transformer as GGUF), their VAE and text encoders as files of
+    their own and the Flux LoRAs (``tiny_dit.py``'s manifest), built once, on first use."""
+    return build_assets(forge_dir, tmp_path_factory.mktemp("forge-flux"), script="tiny_dit.py")
+
+
+@pytest.fixture(scope="session")
 def forge_server(
     forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[ForgeServer]:

@@ -9,12 +9,15 @@ LoRAs are used at weight 0.5, where that holds on the tiny random model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from webui.server import SAME, assert_noise_floor, max_diff, trace
 
-from .server import REFORGE
+from .server import REFORGE, START_TIMEOUT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,9 +59,11 @@ def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:
 
 def reference_within_floor(forge: WebuiClient, one: str, other: str, **extra: Any) -> np.ndarray:
     """Make the reference ``one`` and the equal ``other`` (e.g. its LoRAs in another order), require them within the
-    noise floor of each other and return ``one``'s image."""
+    noise floor of each other and return ``one``'s image. ``other`` is made first: a test's next generation, with
+    ``one``'s prompt, then finds its conds in the webui's cache (it keeps the last prompt's)."""
+    equal = gen(forge, other, **extra).image
     reference = gen(forge, one, **extra).image
-    assert_noise_floor(reference, gen(forge, other, **extra).image)
+    assert_noise_floor(reference, equal)
     return reference
 
 
@@ -75,3 +80,83 @@ def assert_batched_is_sequential(
     assert "running Composite sequentially" not in batched.infotext
     assert_noise_floor(sequential, run(forge, ba, **extra, **ml(method="Composite", execution="Sequential")).image)
     assert max_diff(sequential, batched.image) <= SAME
+
+
+def assert_loaded(log: str, name: str, n_unet: int, n_te: int) -> None:
+    """The host's log says it patched ``n_unet`` UNet and ``n_te`` text-encoder weights from LoRA ``name`` and
+    skipped none (Forge: a line per part; reForge: one line with both counts, a warning per key left out)."""
+    if REFORGE:
+        counts = rf"with {n_unet + n_te} keys \(UNet: {n_unet}, CLIP: {n_te}\)"
+        assert re.search(rf"\[LORA\] Loaded \S*{name}\.safetensors for \w+ {counts}", log), log
+        assert "NOT LOADED" not in log, log
+        return
+    for part, n in (("UNet", n_unet), ("CLIP", n_te)):
+        if n:
+            assert re.search(rf"{name}\.safetensors for \w+-{part} with {n} keys .* \(skipped 0 keys\)", log), log
+
+
+def model_links(manifest: dict[str, Any], ckpt_dir: Path, lora_dir: Path) -> dict[Path, Path]:
+    """Where a built model's files (``manifest``: its checkpoints and LoRAs) go in a server's model folders."""
+    built = [Path(path) for path in manifest.get("checkpoints", {}).values()] or [Path(manifest["ckpt"])]
+    links = {ckpt_dir / path.name: path for path in built}
+    return links | {lora_dir / Path(lora["path"]).name: Path(lora["path"]) for lora in manifest["loras"].values()}
+
+
+@contextmanager
+def linked(client: WebuiClient, links: dict[Path, Path]) -> Iterator[None]:
+    """Each file (value) linked at its place in the server's model folders (key) for the block, the server's
+    checkpoint and LoRA lists refreshed after linking and after unlinking (even after a failure)."""
+    try:
+        for link, target in links.items():
+            link.symlink_to(target)
+        client.post("/sdapi/v1/refresh-checkpoints")
+        client.post("/sdapi/v1/refresh-loras")
+        yield
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
+        client.post("/sdapi/v1/refresh-checkpoints")
+        client.post("/sdapi/v1/refresh-loras")
+
+
+@contextmanager
+def checkpoint(client: WebuiClient, name: str, warm_up: dict[str, Any] | None = None) -> Iterator[None]:
+    """The server's model is checkpoint ``name`` for the block (the host loads it at the next generation); after it,
+    even after a failure, the previous one again, loaded at once by a 1-step image of ``warm_up``'s settings if given
+    (for the modules after this one, which expect their model in memory), else at the next generation. The client
+    waits as long as for a server start meanwhile: loading, or merging and encoding with a new LoRA set, outlasts its
+    60 s on a busy 2-core machine."""
+    previous, timeout = client.get("/sdapi/v1/options")["sd_model_checkpoint"], client.timeout
+    client.timeout = max(timeout, START_TIMEOUT)
+    try:
+        client.post("/sdapi/v1/options", {"sd_model_checkpoint": name})
+        yield
+    finally:
+        try:
+            client.post("/sdapi/v1/options", {"sd_model_checkpoint": previous})
+            if warm_up is not None:
+                client.txt2img(**{"prompt": PROMPT, "steps": 1, **warm_up})
+        finally:
+            client.timeout = timeout
+
+
+@contextmanager
+def unet_storage(client: WebuiClient, option: str) -> Iterator[None]:
+    """Forge's "Diffusion in Low Bits" is ``option`` for the block (the model reloads at the next generation if its
+    storage changes; the "fp16 LoRA" options apply LoRAs online), the previous option after it (the probe)."""
+    previous = client.post("/multilora-probe/unet-storage", {"option": option})["option"]
+    try:
+        yield
+    finally:
+        client.post("/multilora-probe/unet-storage", {"option": previous})
+
+
+@contextmanager
+def additional_modules(client: WebuiClient, paths: list[str]) -> Iterator[None]:
+    """Forge's "VAE / Text Encoder" modules are ``paths`` for the block (loaded beside the next checkpoint), the
+    previous ones after it (the probe)."""
+    previous = client.post("/multilora-probe/additional-modules", {"modules": paths})["modules"]
+    try:
+        yield
+    finally:
+        client.post("/multilora-probe/additional-modules", {"modules": previous})

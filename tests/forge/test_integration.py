@@ -3,7 +3,7 @@ text-encoder policy, hires fix, img2img, and the cases Multi-LoRA refuses (said 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -11,6 +11,7 @@ from hosts.tier import assert_no_trace, axis_index, snapshot, xyz_args
 from webui.server import SAME, max_diff, mean_diff, trace
 
 from .helpers import (
+    A_UNET,
     AB,
     ABC,
     DIFFERENT,
@@ -22,6 +23,7 @@ from .helpers import (
     multidiffusion,
     multilora,
     reference_within_floor,
+    unet_storage,
 )
 from .server import REFORGE, SKIP_REASON, forge_dir_from_env
 
@@ -181,8 +183,9 @@ def test_img2img_schedules_on_the_steps_actually_run_and_leaves_no_trace(forge: 
 
 @pytest.fixture
 def unsupported_model(forge: WebuiClient) -> Iterator[None]:
-    """Forge's model presented as none of SD1/SD2/SDXL (the probe flips its flags), put back afterwards."""
-    previous = forge.post("/multilora-probe/model-flags", {"is_sd1": False})
+    """Forge's model presented as SD3, which Multi-LoRA does not cover (the probe flips its flags), put back
+    afterwards."""
+    previous = forge.post("/multilora-probe/model-flags", {"is_sd1": False, "is_sd3": True})
     try:
         yield
     finally:
@@ -213,40 +216,39 @@ def test_unsupported_model_type_is_refused(forge: WebuiClient) -> None:
     plain = gen(forge, AB)
     result = gen(forge, AB, **ml(method="Composite", text_encoder="None"))
     assert max_diff(plain.image, result.image) == 0
-    assert "models are not supported (SD1, SD2 and SDXL are)" in result.infotext, result.infotext
+    covered = "SD1, SD2 and SDXL" if REFORGE else "SD1, SD2, SDXL, Flux and Chroma"
+    assert f"SD3 models are not supported ({covered} are)" in result.infotext, result.infotext
     assert "Multi-LoRA method" not in result.infotext and trace(forge) == []
 
 
-@pytest.fixture
-def unet_storage(forge: WebuiClient) -> Iterator[Callable[[str], None]]:
-    """Set Forge's "Diffusion in Low Bits" for the test (the model reloads at the next generation); the previous
-    option again afterwards."""
-    previous = forge.post("/multilora-probe/unet-storage", {"option": "Automatic"})["option"]
-    try:
-        yield lambda option: forge.post("/multilora-probe/unet-storage", {"option": option})
-    finally:
-        forge.post("/multilora-probe/unet-storage", {"option": previous})
-
-
 @pytest.mark.forge2_only("Diffusion in Low Bits (fp8 weights, online fp16 LoRAs) is Forge's; reForge has none")
-def test_low_bit_unet_weights(forge: WebuiClient, unet_storage: Callable[[str], None]) -> None:
-    """fp8 weights with Forge's "fp16 LoRA" option apply LoRAs online, in every forward: refused, said, the image is
-    plain. fp8 weights without it get every LoRA merged, rounded, into them: the composed LoRAs are taken out for the
-    pass and their hooks run at compute precision, as on A1111 (the image is therefore not fp8 Merge's Switch to the
-    pixel: the LoRAs skip fp8's rounding), and nothing of the pass is left."""
-    unet_storage("float8-e4m3fn (fp16 LoRA)")
-    plain = gen(forge, AB)
-    refused = gen(forge, AB, **multilora("Switch", tau=1))
-    assert "Diffusion in Low Bits: float8-e4m3fn (fp16 LoRA)" in refused.infotext
-    assert max_diff(plain.image, refused.image) == 0
-    assert "LoRAs applied online" in refused.infotext and "Multi-LoRA method" not in refused.infotext
-    unet_storage("float8-e4m3fn")
-    before = snapshot(forge, lambda: gen(forge, AB))
-    switch = gen(forge, AB, **multilora("Switch", tau=1))
-    assert "Diffusion in Low Bits: float8-e4m3fn" in switch.infotext and "fp16 LoRA" not in switch.infotext
-    assert "Multi-LoRA method: Switch" in switch.infotext
-    calls = trace(forge)
-    assert [c["active"] for c in calls] == [[i % 2] for i in range(STEPS)]
-    assert all(c["patched"] == [] for c in calls), "taken out of the fp8 weights for the pass"
-    assert mean_diff(switch.image, before.images[0]) > DIFFERENT, "differs from Merge"
-    assert_no_trace(forge, lambda: gen(forge, AB), before)
+def test_low_bit_unet_weights(forge: WebuiClient) -> None:
+    """fp8 weights with Forge's "fp16 LoRA" option apply LoRAs online, in every forward: the composed ones are taken
+    out of the pass's patcher and added by the hooks, so Switch with tau >= steps is Forge's own online generation of
+    the first LoRA in the UNet; a LoHa among them is refused by name (its delta is computed from the weights, which do
+    not hold the online LoRAs), the image plain. fp8 weights without it get every LoRA merged, rounded, into them: the
+    composed LoRAs are taken out for the pass and their hooks run at compute precision, as on A1111 (the image is
+    therefore not fp8 Merge's Switch to the pixel: the LoRAs skip fp8's rounding), and nothing of the pass is left."""
+    with unet_storage(forge, "float8-e4m3fn (fp16 LoRA)"):
+        reference = reference_within_floor(forge, A_UNET, f"{PROMPT} <lora:mlB:0.5:0> <lora:mlA:0.5>")
+        switch = gen(forge, AB, **multilora("Switch", tau=STEPS))
+        assert "Diffusion in Low Bits: float8-e4m3fn (fp16 LoRA)" in switch.infotext
+        assert "Multi-LoRA method: Switch" in switch.infotext
+        assert all(c["patched"] == [] for c in trace(forge)), "taken out of the online LoRAs for the pass"
+        assert max_diff(reference, switch.image) <= SAME
+        loha = f"{PROMPT} <lora:mlA:0.5> <lora:mlLoha:0.5>"
+        plain = gen(forge, loha)
+        refused = gen(forge, loha, **multilora("Switch", tau=1))
+        assert max_diff(plain.image, refused.image) == 0
+        assert "mlLoha: only plain LoRAs can be composed on UNet weights with LoRAs applied online" in refused.infotext
+        assert "Multi-LoRA method" not in refused.infotext
+    with unet_storage(forge, "float8-e4m3fn"):
+        before = snapshot(forge, lambda: gen(forge, AB))
+        switch = gen(forge, AB, **multilora("Switch", tau=1))
+        assert "Diffusion in Low Bits: float8-e4m3fn" in switch.infotext and "fp16 LoRA" not in switch.infotext
+        assert "Multi-LoRA method: Switch" in switch.infotext
+        calls = trace(forge)
+        assert [c["active"] for c in calls] == [[i % 2] for i in range(STEPS)]
+        assert all(c["patched"] == [] for c in calls), "taken out of the fp8 weights for the pass"
+        assert mean_diff(switch.image, before.images[0]) > DIFFERENT, "differs from Merge"
+        assert_no_trace(forge, lambda: gen(forge, AB), before)

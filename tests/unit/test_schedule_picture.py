@@ -39,6 +39,8 @@ class InstallingHost:
 
         return torch.device("cpu")
 
+    covered_models: tuple[str, ...] = ()
+
     def refusal(self, p: Any, resolved: generation.Resolved) -> None:
         return None
 

@@ -2,7 +2,8 @@
 
 Linked into the Forge tier's data dir (never shipped), on Forge or reForge (the older Forge backend on
 ``ldm_patched``); where they differ is in one section below ("the hosts' differences"). Endpoints:
-- ``GET /multilora-probe/status``: ``{model_loaded, checkpoint}`` (Forge loads the model on the first generation).
+- ``GET /multilora-probe/status``: ``{model_loaded, checkpoint, model_type}`` (Forge loads the model on the first
+  generation; ``model_type``: the class of the webui's model object, e.g. Forge's ``Flux``).
 - ``GET /multilora-probe/trace``: every Multi-LoRA inner-model call of the last generation: step, active LoRA
   indices, the LoRA files whose patches the pass's UNet patcher holds during the call (the composed ones are taken
   out of it when one of them is not a plain LoRA) and, for Composite, how far the output is from the (weighted)
@@ -18,6 +19,9 @@ Linked into the Forge tier's data dir (never shipped), on Forge or reForge (the 
   setting, applied as its UI applies it (``refresh_model_loading_parameters``): the next generation reloads the model
   with that storage (and, for the "fp16 LoRA" options, online LoRAs). Answers the previous option. Not on reForge
   (404), which has no such setting.
+- ``POST /multilora-probe/additional-modules {"modules": [path, ...]}``: Forge's "VAE / Text Encoder" choice (files
+  loaded beside a checkpoint that holds the transformer only, e.g. a GGUF), applied as its UI applies it; answers
+  the previous list. Not on reForge (404).
 - ``POST /multilora-probe/recompute {"enabled": false}``: the trace stops recomputing Composite and Spatial calls
   (``diff_vs_mean``...: UNet calls of their own, whose state an extension like SAG would keep); answers the previous
   setting.
@@ -160,6 +164,75 @@ def loaded_models() -> list[Any]:
 # --- end of the hosts' differences ---
 
 
+# --- the tier's one test-only patch of the host (Forge only): Flux's dimensions read from the file ---
+# Forge's model detection (huggingface_guess's ``detect_unet_config``) takes any file with Flux's keys for FLUX.1 at
+# its full size: hidden 3072, 24 heads, 19 double and 38 single blocks, whatever the file holds (only the guidance
+# embedding is read from it). A test model small enough for a CPU cannot load then, and nothing else can make it:
+# this reads those dimensions from the weights, as reForge's and ComfyUI's detection count the blocks. For a real
+# FLUX.1 file it returns what the original does (its rotary split [16, 56, 56] is the rule below at head width 128),
+# and every other model type goes to the original untouched. Chroma files take the same branch (Forge tells them from
+# Flux-schnell later, by their modulation network). Everything after it (the loader, the patchers, the LoRA key maps,
+# sampling) is Forge's own.
+
+
+def count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
+    """How many numbered blocks ``prefix{i}.`` the state dict holds."""
+    count = 0
+    while any(key.startswith(f"{prefix}{count}.") for key in state_dict):
+        count += 1
+    return count
+
+
+def flux_dimensions(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Flux's transformer dimensions as the weights give them (the rotary split: 16 for the first axis, the rest of
+    the head width halved between the two spatial axes, FLUX.1's [16, 56, 56] at 128). Shapes are read as ints: a
+    GGUF file's come as numpy integers."""
+
+    def shape(key: str) -> list[int]:
+        return [int(n) for n in state_dict[f"{prefix}{key}"].shape]
+
+    hidden, patches = shape("img_in.weight")
+    head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    pooled = (
+        {"vec_in_dim": shape("vector_in.in_layer.weight")[1]}
+        if f"{prefix}vector_in.in_layer.weight" in state_dict
+        else {}
+    )
+    return {
+        **pooled,  # Chroma has no pooled vector input
+        "in_channels": patches // 4,
+        "context_in_dim": shape("txt_in.weight")[1],
+        "hidden_size": hidden,
+        "mlp_ratio": shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        "num_heads": hidden // head,
+        "depth": count_blocks(state_dict, f"{prefix}double_blocks."),
+        "depth_single_blocks": count_blocks(state_dict, f"{prefix}single_blocks."),
+        "axes_dim": [16, (head - 16) // 2, (head - 16) // 2],
+    }
+
+
+def patch_flux_detection() -> None:
+    """Wrap ``huggingface_guess.detection.detect_unet_config`` (once): Flux files get :func:`flux_dimensions`."""
+    from huggingface_guess import detection
+
+    original = detection.detect_unet_config
+    if getattr(original, "multilora_probe", False):
+        return
+
+    def detect_unet_config(state_dict: dict[str, Any], key_prefix: str) -> Any:
+        config = original(state_dict, key_prefix)
+        if config is not None and config.get("image_model") == "flux" and f"{key_prefix}img_in.weight" in state_dict:
+            config.update(flux_dimensions(state_dict, key_prefix))
+        return config
+
+    detect_unet_config.multilora_probe = True
+    detection.detect_unet_config = detect_unet_config
+
+
+if not REFORGE:
+    patch_flux_detection()
+
+
 class MultiLoraTraceProbe(scripts.Script):
     def title(self) -> str:
         return "multilora forge trace probe"
@@ -189,6 +262,7 @@ def status() -> dict[str, Any]:
     return {
         "model_loaded": loaded,
         "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None) if loaded else None,
+        "model_type": type(model).__name__ if loaded else None,
     }
 
 
@@ -259,7 +333,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 setattr(model, flag, bool(value))
         return previous
 
-    if not REFORGE:  # Forge's "Diffusion in Low Bits"; reForge has none (404)
+    if not REFORGE:  # Forge's "Diffusion in Low Bits" and "VAE / Text Encoder"; reForge has neither (404)
 
         @app.post("/multilora-probe/unet-storage")
         def unet_storage(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008 - FastAPI's idiom
@@ -271,6 +345,17 @@ def on_app_started(_demo: Any, app: Any) -> None:
                 shared.opts.set("forge_unet_storage_dtype", str(body["option"]))
                 main_entry.refresh_model_loading_parameters()
             return {"option": previous}
+
+        @app.post("/multilora-probe/additional-modules")
+        def additional_modules(body: dict[str, Any] = Body(...)) -> dict[str, list[str]]:  # noqa: B008 - FastAPI's idiom
+            from modules.call_queue import queue_lock
+            from modules_forge import main_entry
+
+            with queue_lock:
+                previous = list(shared.opts.forge_additional_modules)
+                shared.opts.set("forge_additional_modules", [str(path) for path in body["modules"]])
+                main_entry.refresh_model_loading_parameters()
+            return {"modules": previous}
 
     add_recompute_route(app)
 
