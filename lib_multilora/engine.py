@@ -50,13 +50,35 @@ def _conv2d(
     return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, groups)
 
 
+#: Output features ``[start, stop)`` of a Linear: where a LoRA on a slice of a fused weight lands.
+Span = tuple[int, int]
+
+
+def _add_linear(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, span: Span | None) -> None:
+    """``out[..., span] += h @ up.T`` in place: straight into the output's columns (one ``addmm_`` that writes no
+    copy of the layer's output) when the output is one matrix in memory of ``h``'s dtype, else through a temporary
+    (an output of another dtype: autocast)."""
+    if out.is_contiguous() and out.dtype == h.dtype == up.dtype:
+        target = out.view(-1, out.shape[-1])
+        target = target if span is None else target[:, span[0] : span[1]]
+        target.addmm_(h.reshape(-1, h.shape[-1]), up.T)
+        return
+    target = out if span is None else out[..., span[0] : span[1]]
+    target += F.linear(h, up)
+
+
 @dataclass
 class LowRankDelta:
-    """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out."""
+    """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out.
+
+    With ``span`` (Linear only) ``up``'s rows are the output features ``[start, stop)`` of the layer: a LoRA on a
+    slice of a fused weight (Flux's ``qkv`` and ``linear1``, which diffusers-format LoRAs train as separate
+    ``to_q``/``to_k``/``to_v``), kept at the size of its factors."""
 
     down: torch.Tensor  # [r, d_in] or [r, c_in, kh, kw]
-    up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]
+    up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]; with a span [stop - start, r]
     scale: float
+    span: Span | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,27 +95,89 @@ class LowRankDelta:
         down, up = self._factors(x)
         if down.dim() == 4:
             return F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
-        return F.linear(F.linear(x, down), up)
+        if self.span is None:
+            return F.linear(F.linear(x, down), up)
+        out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
+        self.add_(module, x, out)
+        return out
 
     @classmethod
     def concat(cls, deltas: Sequence[LowRankDelta], scale: float = 1.0) -> LowRankDelta:
-        """``scale * sum(deltas)`` on one layer as one delta: the factors stacked along the rank, each delta's scale
-        folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not copied."""
+        """``scale * sum(deltas)`` on one layer and one span as one delta: the factors stacked along the rank, each
+        delta's scale folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not
+        copied. Deltas on different spans: :func:`low_rank_sum`."""
+        span = deltas[0].span
+        if any(d.span != span for d in deltas):
+            raise ValueError("LowRankDelta.concat joins deltas of one span; low_rank_sum joins any")
         if len(deltas) == 1:
-            return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale)
+            return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale, span)
         dtype = functools.reduce(torch.promote_types, (d.down.dtype for d in deltas))
         device = deltas[0].down.device
         down = torch.cat([d.down.to(device=device, dtype=dtype) for d in deltas])
         up = torch.cat([(d.up.to(device=device, dtype=torch.float32) * d.scale).to(dtype) for d in deltas], dim=1)
-        return cls(down, up, scale)
+        return cls(down, up, scale, span)
 
-    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + self(module, x)``; on a Linear the add is fused into the second matmul (``addmm``)."""
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += self(module, x)`` in place (``out`` is the layer's output for ``x``, or rows of it)."""
         down, up = self._factors(x)
         if down.dim() == 4:
-            return output + self(module, x)
-        h = F.linear(x, down).reshape(-1, down.shape[0])
-        return torch.addmm(output.reshape(-1, up.shape[0]), h, up.T).view(output.shape)
+            out += self(module, x)
+            return
+        _add_linear(out, F.linear(x, down), up, self.span)
+
+
+@dataclass
+class LowRankParts:
+    """A sum of plain low-rank deltas on distinct spans of one Linear's output features: a diffusers-format LoRA on
+    Flux's fused ``linear1`` (its ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``), or such slices beside a LoRA on the
+    whole layer (a complement). Every part's ``down`` runs as one matmul, then each part's ``up`` adds into its own
+    columns of the output in place: the memory and work of the factors. Zero-padding each ``up`` to the whole output
+    instead would cost d_out x rank per part, and on a CPU 5x the hook's time (bench/engine_micro.py --spans)."""
+
+    parts: tuple[LowRankDelta, ...]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor, Span | None]]]:
+        """Every part's ``down`` stacked, and per part its rank range, ``up * scale`` and span, on ``like``'s device
+        and dtype (made once per (device, dtype))."""
+        key = (like.device, like.dtype)
+        out = self._cache.get(key)
+        if out is None:
+            downs, ups, start = [], [], 0
+            for part in self.parts:
+                down, up = part._factors(like)
+                part._cache.clear()  # what is kept is the stacked copy
+                downs.append(down)
+                ups.append((start, start + down.shape[0], up, part.span))
+                start += down.shape[0]
+            out = self._cache[key] = (torch.cat(downs), ups)
+        return out
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
+        self.add_(module, x, out)
+        return out
+
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        down, ups = self._factors(x)
+        h = F.linear(x, down)
+        for start, stop, up, span in ups:
+            _add_linear(out, h[..., start:stop], up, span)
+
+
+#: A plain LoRA's delta on one layer, whole or in slices.
+LowRank = LowRankDelta | LowRankParts
+
+
+def low_rank_sum(deltas: Sequence[LowRank], scale: float = 1.0) -> LowRank:
+    """``scale * sum(deltas)`` as one delta: per span, the deltas' factors stacked along the rank
+    (:meth:`LowRankDelta.concat`); a :class:`LowRankParts` where they land on different spans."""
+    by_span: dict[Span | None, list[LowRankDelta]] = {}
+    for delta in deltas:
+        for part in delta.parts if isinstance(delta, LowRankParts) else (delta,):
+            by_span.setdefault(part.span, []).append(part)
+    parts = tuple(LowRankDelta.concat(group, scale) for group in by_span.values())
+    return parts[0] if len(parts) == 1 else LowRankParts(parts)
 
 
 @dataclass
@@ -108,8 +192,8 @@ class DenseDelta:
     _delta: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return output + self(module, x)
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        out += self(module, x)
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._delta is None:
@@ -151,11 +235,12 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
     return out
 
 
-#: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_to(module, x, output)`` adds it.
-Delta = LowRankDelta | DenseDelta
+#: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_(module, x, output)`` adds it
+#: to the output in place (the layer made it for this call: writing into it saves a copy of it per hooked layer).
+Delta = LowRankDelta | LowRankParts | DenseDelta
 
 
-def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRankDelta]:
+def complements(deltas: Mapping[int, LowRank], n: int) -> dict[int, LowRank]:
     """For a layer whose weights hold every one of these LoRAs merged: per LoRA ``k < n``, minus the sum of the
     *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone. No entry where no
     other LoRA touches the layer (nothing to take away)."""
@@ -164,7 +249,7 @@ def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRank
     for k in range(n):
         others = [d for j, d in ordered if j != k]
         if others:
-            out[k] = LowRankDelta.concat(others, scale=-1.0)
+            out[k] = low_rank_sum(others, scale=-1.0)
     return out
 
 
@@ -184,7 +269,7 @@ def build_engine(
         for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
             engine.add(module, k, delta)
         if base and keep_merged:
-            engine.add(module, n, LowRankDelta.concat([per_layer[k] for k in sorted(per_layer)], scale=-1.0))
+            engine.add(module, n, low_rank_sum([per_layer[k] for k in sorted(per_layer)], scale=-1.0))
     return engine
 
 
@@ -211,9 +296,10 @@ class StackedLowRank:
 
     @classmethod
     def build(cls, module: nn.Module, deltas: Sequence[Delta | None]) -> StackedLowRank | None:
-        """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank; else None."""
+        """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank on the whole layer;
+        else None. Deltas on spans run per group: stacked, their ``up``s would be zero-padded to the whole output."""
         present = [d for d in deltas if d is not None]
-        plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 for d in present)
+        plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 and d.span is None for d in present)
         return cls(deltas) if is_linear(module) and plain and len(present) > 1 else None
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -290,7 +376,9 @@ class HookEngine:
         x = args[0]
         if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
             delta = deltas.get(groups[0][0])
-            return None if delta is None else delta.add_to(module, x, output)
+            if delta is not None:
+                delta.add_(module, x, output)
+            return output
         if self._total_rows is not None and not x.shape[0] == output.shape[0] == self._total_rows:
             self.misrouted = True
             return None
@@ -298,12 +386,11 @@ class HookEngine:
             stacked = self._stacked(module, deltas, groups)
             if stacked is not None:
                 return stacked(x, output)
-        out = output.clone()
         for k, start, stop in groups:
             delta = deltas.get(k)
             if delta is not None:
-                out[start:stop] += delta(module, x[start:stop])
-        return out
+                delta.add_(module, x[start:stop], output[start:stop])
+        return output
 
     def _stacked(self, module: nn.Module, deltas: dict[int, Delta], groups: tuple[Group, ...]) -> StackedLowRank | None:
         """The stack for this layer and LoRA order, built on first use in the pass."""
