@@ -288,13 +288,13 @@ def through(function: Callable[[torch.Tensor], torch.Tensor], up: torch.Tensor, 
     """``function(up)`` when it gives what the merge adds, ``function(up @ down) = function(up) @ down`` (a function
     of the delta's rows: ``swap_scale_shift`` swaps the halves of Flux's final modulation), checked on this LoRA's
     own factors in float32 once per pass; else None."""
-    up, down = up.float(), down.float().flatten(1)
+    dtype, up, down = up.dtype, up.float(), down.float().flatten(1)
     try:
         moved = function(up)
         exact = moved.shape == up.shape and torch.allclose(function(up.flatten(1) @ down), moved.flatten(1) @ down)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
-    return moved if exact else None
+    return moved.to(dtype) if exact else None
 
 
 def applicable(module: nn.Module) -> bool:
