@@ -73,30 +73,43 @@ class LowRankDelta:
 
     With ``span`` (Linear only) ``up``'s rows are the output features ``[start, stop)`` of the layer: a LoRA on a
     slice of a fused weight (Flux's ``qkv`` and ``linear1``, which diffusers-format LoRAs train as separate
-    ``to_q``/``to_k``/``to_v``), kept at the size of its factors."""
+    ``to_q``/``to_k``/``to_v``), kept at the size of its factors. With ``ranks``, the delta is only those rank
+    columns of ``down``/``up``: a view of a stack that other deltas share, cast copies included (``_cache``), as
+    :func:`complements` builds them."""
 
     down: torch.Tensor  # [r, d_in] or [r, c_in, kh, kw]
     up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]; with a span [stop - start, r]
     scale: float
     span: Span | None = None
+    ranks: tuple[tuple[int, int], ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``down`` and ``up * scale`` on ``like``'s device and dtype, made once per (device, dtype): folding the
-        scale in saves a pass over the output on every call."""
+        scale in saves a pass over the output on every call; no copy where nothing changes."""
         key = (like.device, like.dtype)
         out = self._cache.get(key)
         if out is None:
-            up = self.up.to(device=like.device, dtype=torch.float32) * self.scale
-            out = self._cache[key] = (self.down.to(device=like.device, dtype=like.dtype), up.to(like.dtype))
+            up = self.up if self.scale == 1.0 else self.up.to(device=like.device, dtype=torch.float32) * self.scale
+            cast = (self.down.to(device=like.device, dtype=like.dtype), up.to(device=like.device, dtype=like.dtype))
+            out = self._cache[key] = cast
         return out
+
+    def _ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.ranks or ((0, self.down.shape[0]),)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This delta's own ``down`` and ``up * scale`` (its ranks' columns: a copy for a view of a stack)."""
+        down, up = self.down, self.up.float() * self.scale
+        if self.ranks is None:
+            return down, up
+        return torch.cat([down[a:b] for a, b in self.ranks]), torch.cat([up[:, a:b] for a, b in self.ranks], dim=1)
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         down, up = self._factors(x)
         if down.dim() == 4:
-            return F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
-        if self.span is None:
-            return F.linear(F.linear(x, down), up)
+            x = _match_channels(x, down.shape[1])
+            return sum(F.conv2d(_conv2d(x, down[a:b], None, module), up[:, a:b]) for a, b in self._ranges())
         out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
         self.add_(module, x, out)
         return out
@@ -107,8 +120,8 @@ class LowRankDelta:
         delta's scale folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not
         copied. Deltas on different spans: :func:`low_rank_sum`."""
         span = deltas[0].span
-        if any(d.span != span for d in deltas):
-            raise ValueError("LowRankDelta.concat joins deltas of one span; low_rank_sum joins any")
+        if any(d.span != span or d.ranks is not None for d in deltas):
+            raise ValueError("LowRankDelta.concat joins whole deltas of one span; low_rank_sum joins any")
         if len(deltas) == 1:
             return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale, span)
         dtype = functools.reduce(torch.promote_types, (d.down.dtype for d in deltas))
@@ -123,36 +136,20 @@ class LowRankDelta:
         if down.dim() == 4:
             out += self(module, x)
             return
-        _add_linear(out, F.linear(x, down), up, self.span)
+        for a, b in self._ranges():
+            _add_linear(out, F.linear(x, down[a:b]), up[:, a:b], self.span)
 
 
 @dataclass
 class LowRankParts:
-    """A sum of plain low-rank deltas on distinct spans of one Linear's output features: a diffusers-format LoRA on
-    Flux's fused ``linear1`` (its ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``), or such slices beside a LoRA on the
-    whole layer (a complement). Every part's ``down`` runs as one matmul, then each part's ``up`` adds into its own
-    columns of the output in place: the memory and work of the factors. Zero-padding each ``up`` to the whole output
-    instead would hold d_out x rank per part (3x on Flux's linear1) and, on a CPU, cost 8x the hook's time there
-    (4.1% of the layer against 0.5%: bench/engine_micro.py --spans)."""
+    """A sum of plain low-rank deltas on one Linear that land on different spans of its output features: a
+    diffusers-format LoRA on Flux's fused ``linear1`` (its ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``), or such
+    slices beside a LoRA on the whole layer (a complement). Each part adds its ``up`` into its own columns of the
+    output in place: the memory and work of the factors. Zero-padding each ``up`` to the whole output instead would
+    hold d_out x rank per part (3x on Flux's linear1) and, on a CPU, cost 8x the hook's time there (4.1% of the
+    layer against 0.5%: bench/engine_micro.py --spans)."""
 
     parts: tuple[LowRankDelta, ...]
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor, Span | None]]]:
-        """Every part's ``down`` stacked, and per part its rank range, ``up * scale`` and span, on ``like``'s device
-        and dtype (made once per (device, dtype))."""
-        key = (like.device, like.dtype)
-        out = self._cache.get(key)
-        if out is None:
-            downs, ups, start = [], [], 0
-            for part in self.parts:
-                down, up = part._factors(like)
-                part._cache.clear()  # what is kept is the stacked copy
-                downs.append(down)
-                ups.append((start, start + down.shape[0], up, part.span))
-                start += down.shape[0]
-            out = self._cache[key] = (torch.cat(downs), ups)
-        return out
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
@@ -160,14 +157,16 @@ class LowRankParts:
         return out
 
     def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        down, ups = self._factors(x)
-        h = F.linear(x, down)
-        for start, stop, up, span in ups:
-            _add_linear(out, h[..., start:stop], up, span)
+        for part in self.parts:
+            part.add_(module, x, out)
 
 
 #: A plain LoRA's delta on one layer, whole or in slices.
 LowRank = LowRankDelta | LowRankParts
+
+
+def parts(delta: LowRank) -> tuple[LowRankDelta, ...]:
+    return delta.parts if isinstance(delta, LowRankParts) else (delta,)
 
 
 def low_rank_sum(deltas: Sequence[LowRank], scale: float = 1.0) -> LowRank:
@@ -175,10 +174,10 @@ def low_rank_sum(deltas: Sequence[LowRank], scale: float = 1.0) -> LowRank:
     (:meth:`LowRankDelta.concat`); a :class:`LowRankParts` where they land on different spans."""
     by_span: dict[Span | None, list[LowRankDelta]] = {}
     for delta in deltas:
-        for part in delta.parts if isinstance(delta, LowRankParts) else (delta,):
+        for part in parts(delta):
             by_span.setdefault(part.span, []).append(part)
-    parts = tuple(LowRankDelta.concat(group, scale) for group in by_span.values())
-    return parts[0] if len(parts) == 1 else LowRankParts(parts)
+    summed = tuple(LowRankDelta.concat(group, scale) for group in by_span.values())
+    return summed[0] if len(summed) == 1 else LowRankParts(summed)
 
 
 @dataclass
@@ -241,16 +240,44 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
 Delta = LowRankDelta | LowRankParts | DenseDelta
 
 
-def complements(deltas: Mapping[int, LowRank], n: int) -> dict[int, LowRank]:
+def complements(deltas: Mapping[int, LowRank], n: int, base: bool = False) -> dict[int, LowRank]:
     """For a layer whose weights hold every one of these LoRAs merged: per LoRA ``k < n``, minus the sum of the
-    *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone. No entry where no
-    other LoRA touches the layer (nothing to take away)."""
-    ordered = sorted(deltas.items())
-    out = {}
-    for k in range(n):
-        others = [d for j, d in ordered if j != k]
-        if others:
-            out[k] = low_rank_sum(others, scale=-1.0)
+    *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone; with ``base``, index
+    ``n`` too: minus all of them (Spatial Composite's base). No entry where no other LoRA touches the layer.
+
+    Per span, one stack of every LoRA's factors there, negated, scales folded in: complement ``k`` is the stack's rank
+    columns of the others (one or two ranges: a pair of thin matmuls each), so the pass holds one copy of the LoRAs'
+    factors whatever N, not one per complement."""
+    by_span: dict[Span | None, list[tuple[int, LowRankDelta]]] = {}
+    for j, delta in sorted(deltas.items()):
+        for part in parts(delta):
+            by_span.setdefault(part.span, []).append((j, part))
+    stacks = []
+    for span, members in by_span.items():
+        stack = LowRankDelta.concat([LowRankDelta(p.down, p.up, -p.scale, span) for _, p in members])
+        ranks, start = [], 0
+        for j, part in members:
+            ranks.append((j, start, start + part.down.shape[0]))
+            start += part.down.shape[0]
+        stacks.append((stack, ranks))
+    out: dict[int, LowRank] = {}
+    for k in range(n + 1 if base else n):
+        views = []
+        for stack, ranks in stacks:
+            kept: list[tuple[int, int]] = []
+            for j, start, stop in ranks:
+                if j == k:
+                    continue
+                if kept and kept[-1][1] == start:
+                    kept[-1] = (kept[-1][0], stop)
+                else:
+                    kept.append((start, stop))
+            if kept:
+                whole = kept == [(0, stack.down.shape[0])]
+                ranks_k = None if whole else tuple(kept)
+                views.append(LowRankDelta(stack.down, stack.up, stack.scale, stack.span, ranks_k, stack._cache))
+        if views:
+            out[k] = views[0] if len(views) == 1 else LowRankParts(tuple(views))
     return out
 
 
@@ -267,10 +294,8 @@ def build_engine(
     stay merged, nothing where they were taken out."""
     engine = HookEngine(stack=stack)
     for module, per_layer in deltas.items():
-        for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
+        for k, delta in (complements(per_layer, n, base) if keep_merged else per_layer).items():
             engine.add(module, k, delta)
-        if base and keep_merged:
-            engine.add(module, n, low_rank_sum([per_layer[k] for k in sorted(per_layer)], scale=-1.0))
     return engine
 
 
@@ -283,16 +308,16 @@ class StackedLowRank:
 
     def __init__(self, deltas: Sequence[LowRankDelta | None]) -> None:
         present = [d for d in deltas if d is not None]
-        rank = max(d.down.shape[0] for d in present)
+        rank = max(sum(b - a for a, b in d._ranges()) for d in present)
         d_in, d_out = present[0].down.shape[1], present[0].up.shape[0]
         like = present[0].down
         self.down = torch.zeros(len(deltas), d_in, rank, device=like.device, dtype=torch.float32)
         self.up = torch.zeros(len(deltas), rank, d_out, device=like.device, dtype=torch.float32)
         for g, d in enumerate(deltas):
             if d is not None:
-                r = d.down.shape[0]
-                self.down[g, :, :r] = d.down.float().T
-                self.up[g, :r] = (d.up.float() * d.scale).T
+                down, up = d.factors()
+                self.down[g, :, : down.shape[0]] = down.float().T
+                self.up[g, : down.shape[0]] = up.T
         self._cache: dict = {}
 
     @classmethod
