@@ -34,7 +34,8 @@ log = logging.getLogger("multilora")
 #: Every infotext key this extension writes starts with this.
 INFOTEXT_PREFIX = "Multi-LoRA"
 WARNING_LABEL = "Multi-LoRA warning"
-#: The webui's model-type flags (``sd_models.set_model_type``, Forge's loaders) of the architectures the engine covers.
+#: The webui's model-type flags (``sd_models.set_model_type``, Forge's loaders) of the UNet architectures the engine
+#: covers on every host; a host names the other model types it covers (``Host.covered_models``).
 SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
 
 
@@ -67,6 +68,9 @@ class Host(Protocol):
 
     #: A LoRA written twice in the prompt is merged twice (A1111, reForge), not once (Forge).
     merges_each_mention: bool
+    #: The class names of the webui's model objects, besides SD1, SD2 and SDXL (:data:`SUPPORTED_MODEL_FLAGS`), whose
+    #: LoRA layers the host's glue covers exactly (Forge: ``Flux``); the user sees these names.
+    covered_models: tuple[str, ...]
 
     def loaded_networks(self) -> list[Any]: ...
 
@@ -255,16 +259,22 @@ def resolve(p: Any, host: Host) -> Resolved | None:
 def plan_pass(p: Any, host: Host, resolved: Resolved) -> Plan | str:
     """The host's plan for this pass, or why it must run without Multi-LoRA: another extension's work it cannot
     follow (:mod:`neighbours`), an architecture the engine does not cover, or the host's own reasons."""
-    return neighbours.refusal(p, resolved.args.method) or unsupported_model(p.sd_model) or host.plan(p, resolved)
+    return (
+        neighbours.refusal(p, resolved.args.method)
+        or unsupported_model(p.sd_model, host.covered_models)
+        or host.plan(p, resolved)
+    )
 
 
-def unsupported_model(model: Any) -> str | None:
-    """Only SD1, SD2 and SDXL UNets are covered: other architectures have LoRA layers the hosts apply in ways the
-    engine does not (SD3's joint q/k/v projections), which would be neither switched nor taken out."""
-    if any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS):
+def unsupported_model(model: Any, covered: tuple[str, ...] = ()) -> str | None:
+    """SD1, SD2 and SDXL UNets, and the host's ``covered`` model types (by class name), pass; any other architecture
+    has LoRA layers the host may apply in ways the engine does not follow (SD3's joint q/k/v projections on A1111),
+    which would be neither switched nor taken out: it is refused by name."""
+    if any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS) or type(model).__name__ in covered:
         return None
     kind = "SD3" if getattr(model, "is_sd3", False) else type(model).__name__
-    return f"{kind} models are not supported (SD1, SD2 and SDXL are)"
+    names = ["SD1", "SD2", "SDXL", *covered]
+    return f"{kind} models are not supported ({', '.join(names[:-1])} and {names[-1]} are)"
 
 
 def start_pass(p: Any, host: Host) -> None:

@@ -33,6 +33,9 @@ class ForgeHost(PatcherHost):
     """Forge's ``backend/`` patchers."""
 
     merges_each_mention = False
+    #: Forge's Flux engine (``backend/diffusion_engine/flux.py``: FLUX.1-dev and -schnell), a DiT whose LoRAs are
+    #: patches of its transformer's linears like any UNet's; Chroma and SD3 are not covered yet.
+    covered_models = ("Flux",)
 
     def refusal(self, p: Any, patcher: Any) -> str | None:
         """LoRAs applied online (low-bit weights with an "fp16 LoRA" option: merged in every forward, not into the

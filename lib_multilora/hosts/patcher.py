@@ -73,6 +73,8 @@ class PatcherHost:
 
     #: A LoRA written twice in the prompt: reForge patches it twice, Forge once per distinct weight.
     merges_each_mention: bool = False
+    #: Model types besides SD1/SD2/SDXL whose LoRA patches this backend's pass covers (``generation.Host``).
+    covered_models: tuple[str, ...] = ()
 
     # --- what each backend answers -------------------------------------------------------------------------------
 

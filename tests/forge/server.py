@@ -129,16 +129,21 @@ def neighbours_dir_from_env(host: str = HOST) -> Path | None:
 
 
 def build_assets(
-    forge_dir: Path, out_dir: Path, seed: int = 0, python: str | None = None, sdxl: bool = False
+    forge_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+    python: str | None = None,
+    sdxl: bool = False,
+    script: str = "tiny_model.py",
 ) -> dict[str, Any]:
-    """Run ``tiny_model.py`` (``--sdxl``: the SDXL model and its LoRAs) with the host's python (``python``, default
-    :func:`forge_python`: it imports the host's model classes, which the test process must not); return its
-    manifest."""
+    """Run ``tiny_model.py`` (``--sdxl``: the SDXL model and its LoRAs; ``script``: another builder of this folder
+    with the same command line, ``tiny_dit.py``) with the host's python (``python``, default :func:`forge_python`: it
+    imports the host's model classes, which the test process must not); return its manifest."""
     log = out_dir / "build.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
         python or forge_python(),
-        str(HERE / "tiny_model.py"),
+        str(HERE / script),
         str(out_dir),
         "--forge",
         str(forge_dir),

@@ -17,11 +17,13 @@ from .helpers import (
     PROMPT,
     STEPS,
     TITLE,
+    axis_index,
     gen,
     ml,
     multidiffusion,
     multilora,
     reference_within_floor,
+    xyz_args,
 )
 from .server import REFORGE, SKIP_REASON, forge_dir_from_env
 
@@ -75,18 +77,6 @@ def test_bad_api_args_are_reported_and_the_image_is_plain(forge: WebuiClient) ->
         result = gen(forge, AB, alwayson_scripts={TITLE: {"args": args}})
         assert max_diff(plain.image, result.image) == 0
         assert "bad script args" in result.infotext and "Multi-LoRA method" not in result.infotext
-
-
-def xyz_args(x_type: int, x_values: str) -> list[Any]:
-    """x/y/z plot's positional args (its ui() order, the same on Forge): X axis only, legend, sub images. reForge's
-    has three more after the legend: individual labels, skip the grid, items per grid (off, off, 0)."""
-    legend = [True, *((False, False, 0) if REFORGE else ())]
-    return [x_type, x_values, None, 0, "", None, 0, "", None, *legend, True, False, False, False, False, False, 0, True]
-
-
-def axis_index(forge: WebuiClient, label: str) -> int:
-    info = next(s for s in forge.get("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    return next(a["choices"] for a in info["args"] if a["label"] == "X type").index(label)
 
 
 def test_xyz_method_axis_puts_merge_switch_composite_side_by_side(forge: WebuiClient) -> None:
@@ -225,7 +215,8 @@ def test_unsupported_model_type_is_refused(forge: WebuiClient) -> None:
     plain = gen(forge, AB)
     result = gen(forge, AB, **ml(method="Composite", text_encoder="None"))
     assert max_diff(plain.image, result.image) == 0
-    assert "models are not supported (SD1, SD2 and SDXL are)" in result.infotext, result.infotext
+    covered = "SD1, SD2 and SDXL" if REFORGE else "SD1, SD2, SDXL and Flux"
+    assert f"models are not supported ({covered} are)" in result.infotext, result.infotext
     assert "Multi-LoRA method" not in result.infotext and trace(forge) == []
 
 

@@ -24,8 +24,8 @@ import pytest
 from hosts.tier import assert_no_trace, snapshot
 from webui.server import SAME, assert_noise_floor, max_diff, mean_diff, trace
 
-from .helpers import DIFFERENT, PROMPT, ml, multilora
-from .server import REFORGE, SKIP_REASON, START_TIMEOUT, build_assets, forge_dir_from_env, tracebacks
+from .helpers import DIFFERENT, PROMPT, assert_loaded, checkpoint, linked, ml, model_links, multilora
+from .server import REFORGE, SKIP_REASON, build_assets, forge_dir_from_env, tracebacks
 from .tiny_model import SDXL_NAME
 
 if TYPE_CHECKING:
@@ -63,51 +63,21 @@ def gen(forge: WebuiClient, prompt: str, **extra: Any) -> Result:
     return forge.txt2img(prompt=prompt, **{"steps": STEPS, "cfg_scale": 1, **extra})
 
 
-def assert_loaded(log: str, name: str, n_unet: int, n_te: int) -> None:
-    """The host's log says it patched ``n_unet`` UNet and ``n_te`` text-encoder weights from LoRA ``name`` and
-    skipped none (Forge: a line per part; reForge: one line with both counts, a warning per key left out)."""
-    if REFORGE:
-        counts = rf"with {n_unet + n_te} keys \(UNet: {n_unet}, CLIP: {n_te}\)"
-        assert re.search(rf"\[LORA\] Loaded \S*{name}\.safetensors for \w+ {counts}", log), log
-        assert "NOT LOADED" not in log, log
-        return
-    for part, n in (("UNet", n_unet), ("CLIP", n_te)):
-        if n:
-            assert re.search(rf"{name}\.safetensors for \w+-{part} with {n} keys .* \(skipped 0 keys\)", log), log
-
-
 @pytest.fixture(scope="module")
 def sdxl(
     forge: WebuiClient, forge_dir: Path, forge_assets: ForgeAssets, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SdxlModel]:
     """Build the SDXL model and its LoRAs, link them into the session server's checkpoint and LoRA dirs and make it
-    the current model; afterwards switch back to the session's checkpoint (loading it: later modules expect the SD1
-    model in memory), unlink the files and refresh the lists. The client waits as long as for a server start
-    meanwhile: loading, or merging and encoding with a new LoRA set, outlasts its 60 s on a busy 2-core machine."""
+    the current model; afterwards switch back to the session's checkpoint and unlink the files
+    (``helpers.checkpoint``, ``helpers.linked``)."""
     manifest = build_assets(forge_dir, tmp_path_factory.mktemp("forge-sdxl"), sdxl=True)
-    built = [Path(manifest["ckpt"]), *(Path(lora["path"]) for lora in manifest["loras"].values())]
-    links = [forge_assets.ckpt.parent / built[0].name, *(forge_assets.lora_dir / path.name for path in built[1:])]
-    previous, timeout = forge.get("/sdapi/v1/options")["sd_model_checkpoint"], forge.timeout
-    forge.timeout = max(timeout, START_TIMEOUT)
-    try:
-        for link, target in zip(links, built, strict=True):
-            link.symlink_to(target)
-        forge.post("/sdapi/v1/refresh-checkpoints")
-        forge.post("/sdapi/v1/refresh-loras")
+    with (
+        linked(forge, model_links(manifest, forge_assets.ckpt.parent, forge_assets.lora_dir)),
+        checkpoint(forge, SDXL_NAME),
+    ):
         mark = forge.log_mark()
-        forge.post("/sdapi/v1/options", {"sd_model_checkpoint": SDXL_NAME})
         first = gen(forge, PROMPT)  # Forge loads the selected checkpoint at the next generation
         yield SdxlModel(manifest["loras"], first, forge.log_text(mark))
-    finally:  # even after a failed switch
-        for link in links:
-            link.unlink(missing_ok=True)
-        try:
-            forge.post("/sdapi/v1/options", {"sd_model_checkpoint": previous})
-            forge.post("/sdapi/v1/refresh-checkpoints")
-            forge.post("/sdapi/v1/refresh-loras")
-            forge.txt2img(prompt=PROMPT, steps=1)
-        finally:
-            forge.timeout = timeout
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,7 @@ class RecordingHost:
     """A :class:`generation.Host` that records what the pass sequence asks of it."""
 
     merges_each_mention = True
+    covered_models = ("Flux",)
 
     def __init__(self, loaded: list[SimpleNamespace] | None = None, refusal: str | None = None) -> None:
         self.loaded, self.refusal = loaded or [], refusal
@@ -195,6 +196,15 @@ def test_an_unsupported_architecture_is_refused_by_name() -> None:
     generation.start_pass(p, host)
     assert "plan" not in host.calls
     assert "SD3 models are not supported" in p.extra_generation_params[generation.WARNING_LABEL]
+
+
+def test_a_model_type_the_host_covers_passes_and_others_are_named_with_what_is_covered() -> None:
+    Flux, Chroma = type("Flux", (), {}), type("Chroma", (), {})
+    assert generation.unsupported_model(Flux(), ("Flux",)) is None
+    assert generation.unsupported_model(SimpleNamespace(is_sdxl=True)) is None
+    said = generation.unsupported_model(Chroma(), ("Flux",))
+    assert said == "Chroma models are not supported (SD1, SD2, SDXL and Flux are)"
+    assert generation.unsupported_model(Flux()) == "Flux models are not supported (SD1, SD2 and SDXL are)"
 
 
 def test_bad_args_warn_once_in_the_infotext() -> None:

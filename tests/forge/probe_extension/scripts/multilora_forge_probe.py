@@ -2,7 +2,8 @@
 
 Linked into the Forge tier's data dir (never shipped), on Forge or reForge (the older Forge backend on
 ``ldm_patched``); where they differ is in one section below ("the hosts' differences"). Endpoints:
-- ``GET /multilora-probe/status``: ``{model_loaded, checkpoint}`` (Forge loads the model on the first generation).
+- ``GET /multilora-probe/status``: ``{model_loaded, checkpoint, model_type}`` (Forge loads the model on the first
+  generation; ``model_type``: the class of the webui's model object, e.g. Forge's ``Flux``).
 - ``GET /multilora-probe/trace``: every Multi-LoRA inner-model call of the last generation: step, active LoRA
   indices, the LoRA files whose patches the pass's UNet patcher holds during the call (the composed ones are taken
   out of it when one of them is not a plain LoRA) and, for Composite, how far the output is from the (weighted)
@@ -157,6 +158,64 @@ def loaded_models() -> list[Any]:
 # --- end of the hosts' differences ---
 
 
+# --- the tier's one test-only patch of the host (Forge only): Flux's dimensions read from the file ---
+# Forge's model detection (huggingface_guess's ``detect_unet_config``) takes any file with Flux's keys for FLUX.1 at
+# its full size: hidden 3072, 24 heads, 19 double and 38 single blocks, whatever the file holds (only the guidance
+# embedding is read from it). A test model small enough for a CPU cannot load then, and nothing else can make it:
+# this reads those dimensions from the weights, as reForge's and ComfyUI's detection count the blocks. For a real
+# FLUX.1 file it returns what the original does (its rotary split [16, 56, 56] is the rule below at head width 128),
+# and every other model type goes to the original untouched. Everything after it (the loader, the patchers, the LoRA
+# key maps, sampling) is Forge's own.
+
+
+def count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
+    """How many numbered blocks ``prefix{i}.`` the state dict holds."""
+    count = 0
+    while any(key.startswith(f"{prefix}{count}.") for key in state_dict):
+        count += 1
+    return count
+
+
+def flux_dimensions(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Flux's transformer dimensions as the weights give them (the rotary split: 16 for the first axis, the rest of
+    the head width halved between the two spatial axes, FLUX.1's [16, 56, 56] at 128)."""
+    hidden, patches = state_dict[f"{prefix}img_in.weight"].shape
+    head = state_dict[f"{prefix}double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    return {
+        "in_channels": patches // 4,
+        "vec_in_dim": state_dict[f"{prefix}vector_in.in_layer.weight"].shape[1],
+        "context_in_dim": state_dict[f"{prefix}txt_in.weight"].shape[1],
+        "hidden_size": hidden,
+        "mlp_ratio": state_dict[f"{prefix}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+        "num_heads": hidden // head,
+        "depth": count_blocks(state_dict, f"{prefix}double_blocks."),
+        "depth_single_blocks": count_blocks(state_dict, f"{prefix}single_blocks."),
+        "axes_dim": [16, (head - 16) // 2, (head - 16) // 2],
+    }
+
+
+def patch_flux_detection() -> None:
+    """Wrap ``huggingface_guess.detection.detect_unet_config`` (once): Flux files get :func:`flux_dimensions`."""
+    from huggingface_guess import detection
+
+    original = detection.detect_unet_config
+    if getattr(original, "multilora_probe", False):
+        return
+
+    def detect_unet_config(state_dict: dict[str, Any], key_prefix: str) -> Any:
+        config = original(state_dict, key_prefix)
+        if config is not None and config.get("image_model") == "flux" and f"{key_prefix}img_in.weight" in state_dict:
+            config.update(flux_dimensions(state_dict, key_prefix))
+        return config
+
+    detect_unet_config.multilora_probe = True
+    detection.detect_unet_config = detect_unet_config
+
+
+if not REFORGE:
+    patch_flux_detection()
+
+
 class MultiLoraTraceProbe(scripts.Script):
     def title(self) -> str:
         return "multilora forge trace probe"
@@ -184,6 +243,7 @@ def status() -> dict[str, Any]:
     return {
         "model_loaded": loaded,
         "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None) if loaded else None,
+        "model_type": type(model).__name__ if loaded else None,
     }
 
 
