@@ -13,8 +13,9 @@ table and, last, one JSON line of the ratios.
 ``--spans``: instead, one Flux single block's fused ``linear1`` (3072 -> 3 x 3072 q/k/v + 12288 MLP) and N
 diffusers-format LoRAs on its four slices, the weights holding them all merged: Switch's complement hook as the
 engine builds it (``LowRankParts``: one matmul for the stacked downs, each slice's ``up`` added in place into its
-columns) against the same LoRAs with their ``up``s zero-padded to the whole output (one ``LowRankDelta``), medians of
-interleaved rounds, and what each holds. ``--size`` is then the image (tokens: (size/16)^2 + 512 of text).
+columns) against the same LoRAs with their ``up``s zero-padded to the whole output (one ``LowRankDelta``: 4x the
+``up`` matmul's work), medians of interleaved rounds, and what the N complements hold. ``--size`` is then the
+image (tokens: (size/16)^2 + 512 of text).
 """
 
 from __future__ import annotations
@@ -143,10 +144,13 @@ def spans(n: int, rank: int, size: int, repeats: int) -> dict[str, float]:
             r += part.down.shape[0]
         return LowRankDelta(torch.cat([p.down for p in delta.parts]), up, 1.0)
 
-    complement = complements(loras, n)[0]
+    every = complements(loras, n)
+    complement = every[0]
     engines = {"parts": HookEngine(), "padded": HookEngine()}
     engines["parts"].add(layer, 0, complement)
     engines["padded"].add(layer, 0, padded(complement))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for d in every.values() for p in d.parts
+                for t in (p.down, p.up)}  # fmt: skip
     samples: dict[str, list[float]] = {"merged": [], "parts": [], "padded": []}
     names = list(samples)
     with torch.no_grad():
@@ -163,9 +167,9 @@ def spans(n: int, rank: int, size: int, repeats: int) -> dict[str, float]:
                 if engine is not None:
                     engine.remove()
     ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
-    held = {
-        "parts": sum(p.down.numel() + p.up.numel() for p in complement.parts) * 4 / 2**20,
-        "padded": sum(t.numel() for t in (padded(complement).down, padded(complement).up)) * 4 / 2**20,
+    held = {  # every LoRA's complement: one shared stack, or a padded pair of factors each
+        "parts": sum(storages.values()) / 2**20,
+        "padded": sum(t.numel() * 4 for d in every.values() for t in (padded(d).down, padded(d).up)) / 2**20,
     }
     print(f"Flux linear1 {FLUX_HIDDEN}->{FLUX_SPANS[-1][1]}, {tokens} tokens, N={n}, rank {rank}, median of {repeats}")
     for name in names:

@@ -146,8 +146,8 @@ class LowRankParts:
     diffusers-format LoRA on Flux's fused ``linear1`` (its ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``), or such
     slices beside a LoRA on the whole layer (a complement). Each part adds its ``up`` into its own columns of the
     output in place: the memory and work of the factors. Zero-padding each ``up`` to the whole output instead would
-    hold d_out x rank per part (3x on Flux's linear1) and, on a CPU, cost 8x the hook's time there (4.1% of the
-    layer against 0.5%: bench/engine_micro.py --spans)."""
+    hold d_out x rank per part and do that much work (on Flux's linear1: 3x the memory, 4x the ``up`` matmul; one CPU
+    run of bench/engine_micro.py --spans gave Switch's hook 4.1% of the layer that way, 0.5% this way)."""
 
     parts: tuple[LowRankDelta, ...]
 
