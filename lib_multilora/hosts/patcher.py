@@ -40,6 +40,8 @@ Entries = list[Any]
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 #: The parameters of a layer that a delta can change (:class:`DenseDelta`'s ops).
 LAYER_PARAMETERS = ("weight", "bias")
+#: Columns of a LoRA's delta per block when checking that a patch entry's function is one of its rows (:func:`through`).
+CHECK_COLUMNS = 64
 
 
 @dataclass
@@ -289,14 +291,19 @@ class PatcherHost:
 def through(function: Callable[[torch.Tensor], torch.Tensor], up: torch.Tensor, down: torch.Tensor) -> Any:
     """``function(up)`` when it gives what the merge adds, ``function(up @ down) = function(up) @ down`` (a function
     of the delta's rows: ``swap_scale_shift`` swaps the halves of Flux's final modulation), checked on this LoRA's
-    own factors in float32 once per pass; else None."""
+    own factors in float32 once per pass, a block of columns of the delta at a time (the whole delta at once would be
+    a transient of the layer's size: 150 MB on Flux's final modulation); else None."""
     dtype, up, down = up.dtype, up.float(), down.float().flatten(1)
     try:
         moved = function(up)
-        exact = moved.shape == up.shape and torch.allclose(function(up.flatten(1) @ down), moved.flatten(1) @ down)
+        if moved.shape != up.shape:
+            return None
+        for block in down.split(CHECK_COLUMNS, dim=1):
+            if not torch.allclose(function(up.flatten(1) @ block), moved.flatten(1) @ block):
+                return None
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
-    return moved.to(dtype) if exact else None
+    return moved.to(dtype)
 
 
 def applicable(module: nn.Module) -> bool:
