@@ -83,6 +83,7 @@ class LowRankDelta:
     span: Span | None = None
     ranks: tuple[tuple[int, int], ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    _pairs: dict = field(default_factory=dict, repr=False)
 
     def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``down`` and ``up * scale`` on ``like``'s device and dtype, made once per (device, dtype): folding the
@@ -98,6 +99,18 @@ class LowRankDelta:
     def _ranges(self) -> tuple[tuple[int, int], ...]:
         return self.ranks or ((0, self.down.shape[0]),)
 
+    def _views(self, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(down, up * scale)`` per rank range, views of :meth:`_factors`, made once per (device, dtype): a hook
+        call then slices nothing. A conv's ``up`` columns are copied (its weight must be contiguous, or every call
+        copies it; a 1x1 conv's ``up`` is small), a Linear's stay views (``addmm_`` reads them strided)."""
+        key = (like.device, like.dtype)
+        out = self._pairs.get(key)
+        if out is None:
+            down, up = self._factors(like)
+            out = [(down[a:b], up[:, a:b]) for a, b in self._ranges()]
+            out = self._pairs[key] = [(d, u.contiguous() if u.dim() == 4 else u) for d, u in out]
+        return out
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This delta's own ``down`` and ``up * scale`` (its ranks' columns: a copy for a view of a stack)."""
         down, up = self.down, self.up.float() * self.scale
@@ -106,10 +119,11 @@ class LowRankDelta:
         return torch.cat([down[a:b] for a, b in self.ranks]), torch.cat([up[:, a:b] for a, b in self.ranks], dim=1)
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        down, up = self._factors(x)
-        if down.dim() == 4:
-            x = _match_channels(x, down.shape[1])
-            return sum(F.conv2d(_conv2d(x, down[a:b], None, module), up[:, a:b]) for a, b in self._ranges())
+        views = self._views(x)
+        if views[0][0].dim() == 4:
+            x = _match_channels(x, views[0][0].shape[1])
+            convs = [F.conv2d(_conv2d(x, down, None, module), up) for down, up in views]
+            return functools.reduce(torch.add, convs)
         out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
         self.add_(module, x, out)
         return out
@@ -132,12 +146,11 @@ class LowRankDelta:
 
     def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out += self(module, x)`` in place (``out`` is the layer's output for ``x``, or rows of it)."""
-        down, up = self._factors(x)
-        if down.dim() == 4:
-            out += self(module, x)
-            return
-        for a, b in self._ranges():
-            _add_linear(out, F.linear(x, down[a:b]), up[:, a:b], self.span)
+        for down, up in self._views(x):
+            if down.dim() == 4:
+                out += F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
+            else:
+                _add_linear(out, F.linear(x, down), up, self.span)
 
 
 @dataclass
