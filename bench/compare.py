@@ -1,8 +1,12 @@
 """End-to-end cost of Multi-LoRA in a real webui: Merge vs Switch vs Composite (sequential, batched, and with the
 step window ``end=0.4``) vs Spatial Composite, and the extension enabled with nothing to compose vs absent.
 
-Starts two API-only webui servers on the CPU (tests/webui/server.py): one with this extension, one without (the
-"absent" reference), on an SD1.5-size random model with rank-16 LoRAs (built once into the cache dir; ~2 GB). Cases
+Starts two API-only webui servers on the CPU (the test tiers' servers, ``--host a1111|forge|reforge``): one with this
+extension, one without (the "absent" reference). On A1111, an SD1.5-size random model with rank-16 LoRAs (built once
+into the cache dir; ~2 GB; ``--quick``: the A1111 tier's tiny one); on Forge and reForge the Forge tier's tiny model
+and its rank-4 LoRAs (tests/forge/tiny_model.py: SD1.5's widths, one UNet level; an SD1.5-size model for their
+loaders is not built here), whose trace probe stays installed with its recomputes off (its per-call observer reads
+the patcher's patch sets: microseconds). Cases
 run in blocks that keep the prompt's LoRA set fixed (N=2, N=3, then the no-LoRA idle block, so that no case pays for
 the webui re-merging another set; the absent server's warm-up is a LoRA generation too, so that both processes hold the
 built-in's weight backups), interleaved with a rotating order, repeated, all with the same seed. Reported
@@ -11,6 +15,8 @@ hardly affected by other load on a shared machine) and of peak server RSS (VmHWM
 Ratios come from the CPU-time medians (wall-time ones alongside). The last line is one JSON object.
 
     SD_WEBUI_DIR=/path/to/webui /path/to/webui/venv/bin/python bench/compare.py [--quick] [--repeats 3]
+    eval "$(python3 -m tests.hosts setup forge)"; "$SD_FORGE_PYTHON" bench/compare.py --host forge
+    eval "$(python3 -m tests.hosts setup reforge)"; "$SD_REFORGE_PYTHON" bench/compare.py --host reforge
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.webui.server import PROBE_EXTENSION, PROBE_LINK_NAME, WebuiClient, WebuiServer, webui_dir_from_env  # noqa: E402
+from tests.hosts.recipes import RECIPES  # noqa: E402
+from tests.hosts.ui import build_assets as build_host_assets  # noqa: E402
+from tests.hosts.ui import host_server  # noqa: E402
+from tests.webui.server import PROBE_EXTENSION, PROBE_LINK_NAME, WebuiClient, WebuiServer  # noqa: E402
 
 TITLE = "Multi-LoRA Composition"
 PROMPT = "a photo of a cat"
@@ -69,6 +78,31 @@ def build_assets(cache: Path, quick: bool, rank: int, webui_dir: Path) -> tuple[
         build_loras(lora_dir, ckpt, seed=0, webui_dir=webui_dir, rank=rank)
         lora_done.touch()
     return ckpt, lora_dir, name
+
+
+def forge_assets(cache: Path, host: str, webui_dir: Path) -> tuple[Path, Path, str]:
+    """The Forge tier's tiny model and LoRAs for ``host``, built once into ``cache``."""
+    folder = cache / f"{host}-tiny"
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        log(f"building the Forge tier's tiny model into {folder} (once)")
+        build_host_assets(host, webui_dir, sys.executable, folder)
+    paths = json.loads(manifest.read_text())
+    return Path(paths["ckpt"]), Path(paths["lora_dir"]), f"{host} tier's tiny-sd15"
+
+
+def start_servers(host: str, webui_dir: Path, ckpt: Path, lora_dir: Path, tmp: Path) -> dict[str, WebuiServer]:
+    """The main server (with the extension) and the absent one, not started yet."""
+    if host == "a1111":
+        return {
+            kind: BenchServer(webui_dir=webui_dir, data_dir=tmp / kind, ckpt=ckpt, lora_dir=lora_dir,
+                              with_extension=kind == "main")
+            for kind in ("main", "absent")
+        }  # fmt: skip
+    return {
+        kind: host_server(host, webui_dir, sys.executable, ckpt, lora_dir, tmp / kind, with_extension=kind == "main")
+        for kind in ("main", "absent")
+    }
 
 
 class BenchServer(WebuiServer):
@@ -280,6 +314,7 @@ def print_table(cases: list[Case]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", choices=sorted(RECIPES), default="a1111", help="run with that host's python")
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="measured rounds per block (default 3; quick 2)")
     parser.add_argument("--steps", type=int, default=10)
@@ -291,31 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=1200.0)
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    webui_dir = webui_dir_from_env()
-    if webui_dir is None:
-        parser.error("set SD_WEBUI_DIR to a webui 1.10.x checkout (and run this with the webui's python)")
-
-    ckpt, lora_dir, model = build_assets(args.model_dir, args.quick, args.rank, webui_dir)
+    recipe = RECIPES[args.host]
+    if not os.environ.get(recipe.dir_var, "").strip():
+        parser.error(f"set {recipe.dir_var} (python3 -m tests.hosts setup {args.host}) and run with the host's python")
+    webui_dir = Path(os.environ[recipe.dir_var].strip())
+    if args.host == "a1111":
+        ckpt, lora_dir, model = build_assets(args.model_dir, args.quick, args.rank, webui_dir)
+    else:
+        ckpt, lora_dir, model = forge_assets(args.model_dir, args.host, webui_dir)
+        args.rank = 4  # the tier's LoRAs
     payload = {"width": args.size, "height": args.size, "steps": args.steps, "seed": SEED, "cfg_scale": 7}
     all_blocks = blocks(args.n, args.tau)
     with tempfile.TemporaryDirectory(prefix="multilora-bench-") as tmp:
-        servers = {
-            kind: BenchServer(
-                webui_dir=webui_dir,
-                data_dir=Path(tmp) / kind,
-                ckpt=ckpt,
-                lora_dir=lora_dir,
-                with_extension=kind == "main",
-            )
-            for kind in ("main", "absent")
-        }
+        servers = start_servers(args.host, webui_dir, ckpt, lora_dir, Path(tmp))
         clients: dict[str, WebuiClient] = {}
         try:
             for kind, server in servers.items():  # one at a time: loading is the memory peak
-                log(f"starting the {kind} webui on {model}")
+                log(f"starting the {kind} {args.host} on {model}")
                 server.start()
                 server.wait_ready(timeout=args.start_timeout)
                 clients[kind] = WebuiClient(server, timeout=3600)
+                if args.host != "a1111":  # the Forge tier's trace probe re-runs every Composite call otherwise
+                    clients[kind].post("/multilora-probe/recompute", {"enabled": False})
             measure(all_blocks, servers, clients, payload, repeats)
         except BaseException:
             for kind, server in servers.items():
@@ -331,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {case.name: case for case in cases}
     print()
     print(
-        f"{model}, {args.size}x{args.size}, {args.steps} steps Euler, rank {args.rank}, tau {args.tau}, CPU, "
-        f"{repeats} rounds (medians)"
+        f"{args.host}, {model}, {args.size}x{args.size}, {args.steps} steps Euler, rank {args.rank}, tau {args.tau}, "
+        f"CPU, {repeats} rounds (medians)"
     )
     print_table(cases)
     cpu_ratios, wall_ratios = ratios(by_name, args.n, "cpu"), ratios(by_name, args.n, "wall")
@@ -341,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if key != "by_n":
             print(f"{key:<40}{value:>8.3f} (cpu)  {wall_ratios[key]:>8.3f} (wall)")
     summary = {
+        "host": args.host,
         "device": "cpu",
         "model": model,
         "steps": args.steps,

@@ -9,12 +9,21 @@ CPU time of the one compute thread, best of the repeats: other load on a shared 
 table and, last, one JSON line of the ratios.
 
     python bench/engine_micro.py [--n 3] [--rank 16] [--size 128] [--repeats 7]
+
+``--spans``: instead, one Flux single block's fused ``linear1`` (3072 -> 3 x 3072 q/k/v + 12288 MLP) and N
+diffusers-format LoRAs on its four slices, the weights holding them all merged: Switch's complement hook as the
+engine builds it (``LowRankParts``: one matmul for the stacked downs, each slice's ``up`` added in place into its
+columns) against the same LoRAs with their ``up``s zero-padded to the whole output (one ``LowRankDelta``: 4x the
+``up`` matmul's work), medians of interleaved rounds, and what the N complements hold. ``--size`` is then the
+image (tokens: (size/16)^2 + 512 of text).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib_multilora.engine import HookEngine, LowRankDelta, complements
+from lib_multilora.engine import HookEngine, LowRankDelta, LowRankParts, complements, low_rank_sum
 
 #: SD1.5 transformer blocks: (channels, latent downscale) for down 0-2 (x2 each), mid, up 1-3 (x3 each).
 BLOCKS = [(320, 1)] * 2 + [(640, 2)] * 2 + [(1280, 4)] * 2 + [(1280, 8)] + [(1280, 4)] * 3 + [(640, 2)] * 3
@@ -105,6 +114,75 @@ def best_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: min(values) for name, values in samples.items()}
 
 
+#: Flux's hidden width and a single block's fused linear1 slices (q, k, v, MLP), as Forge's offset entries give them.
+FLUX_HIDDEN = 3072
+FLUX_SPANS = [(0, 3072), (3072, 6144), (6144, 9216), (9216, 21504)]
+
+
+def spans(n: int, rank: int, size: int, repeats: int) -> dict[str, float]:
+    """The ``--spans`` case (module docstring)."""
+    tokens = (size // 16) ** 2 + 512
+    layer = nn.Linear(FLUX_HIDDEN, FLUX_SPANS[-1][1])
+    x = torch.randn(1, tokens, FLUX_HIDDEN)
+    loras = {
+        k: low_rank_sum(
+            [
+                LowRankDelta(
+                    torch.randn(rank, FLUX_HIDDEN) * FLUX_HIDDEN**-0.5, torch.randn(b - a, rank) * 0.02, 1.0, (a, b)
+                )
+                for a, b in FLUX_SPANS
+            ]
+        )
+        for k in range(n)
+    }
+
+    def padded(delta: LowRankParts) -> LowRankDelta:
+        up = torch.zeros(FLUX_SPANS[-1][1], sum(p.down.shape[0] for p in delta.parts))
+        r = 0
+        for part in delta.parts:
+            up[part.span[0] : part.span[1], r : r + part.down.shape[0]] = part.up * part.scale
+            r += part.down.shape[0]
+        return LowRankDelta(torch.cat([p.down for p in delta.parts]), up, 1.0)
+
+    every = complements(loras, n)
+    complement = every[0]
+    engines = {"parts": HookEngine(), "padded": HookEngine()}
+    engines["parts"].add(layer, 0, complement)
+    engines["padded"].add(layer, 0, padded(complement))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for d in every.values() for p in d.parts
+                for t in (p.down, p.up)}  # fmt: skip
+    samples: dict[str, list[float]] = {"merged": [], "parts": [], "padded": []}
+    names = list(samples)
+    with torch.no_grad():
+        for r in range(repeats + 1):  # the first round warms the caches up, untimed
+            for name in names[r % 3 :] + names[: r % 3]:
+                engine = engines.get(name)
+                if engine is not None:
+                    engine.install()
+                start = time.thread_time()
+                with engine.active([(0, 0, None)]) if engine else contextlib.nullcontext():
+                    layer(x)
+                if r:
+                    samples[name].append(time.thread_time() - start)
+                if engine is not None:
+                    engine.remove()
+    ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+    held = {  # every LoRA's complement: one shared stack, or a padded pair of factors each
+        "parts": sum(storages.values()) / 2**20,
+        "padded": sum(t.numel() * 4 for d in every.values() for t in (padded(d).down, padded(d).up)) / 2**20,
+    }
+    print(f"Flux linear1 {FLUX_HIDDEN}->{FLUX_SPANS[-1][1]}, {tokens} tokens, N={n}, rank {rank}, median of {repeats}")
+    for name in names:
+        extra = f"  holds {held[name]:.2f} MiB" if name in held else ""
+        print(f"  {name:<10} {ms[name]:9.1f} ms  {ms[name] / ms['merged']:.3f}x merged{extra}")
+    return {
+        "parts_over_merged": ms["parts"] / ms["merged"],
+        "padded_over_merged": ms["padded"] / ms["merged"],
+        "parts_mib": held["parts"],
+        "padded_mib": held["padded"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3, help="LoRAs composed (default 3)")
@@ -112,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (latent = size/8)")
     parser.add_argument("--rows", type=int, default=2, help="rows per denoiser call (cond+uncond = 2)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--spans", action="store_true", help="Flux's fused linear1 with sliced LoRAs (docstring)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the time measured is this thread's
     torch.manual_seed(0)
+    if args.spans:
+        ratios = spans(args.n, args.rank, args.size, args.repeats)
+        print(json.dumps({"device": "cpu", "n_loras": args.n, "rank": args.rank, "size": args.size, **ratios}))
+        return 0
 
     stack = Stack(args.size // 8).eval()
     xs, context = stack.inputs(args.rows), torch.randn(args.rows, CONTEXT_TOKENS, CONTEXT)

@@ -11,16 +11,29 @@ attention to_q/k/v/to_out.0, feed-forward net.0.proj/net.2) and are merged into 
 ``lib_multilora.inner.MethodInner`` around an inner model that calls the UNet the way the webui's denoiser calls its
 inner model (x batch first, cond+uncond rows).
 
+Flux (``--model flux,flux-fused``): diffusers' ``FluxTransformer2DModel`` at FLUX.1-dev's full width (3072, 24 heads of
+128), ``--flux-blocks`` double and single blocks (2 and 2 by default), guidance embedding, one row per call (CFG 1),
+64 T5 tokens and a 256x256 image's 256 latent tokens on a CPU (1024x1024's 4096 on a GPU), rank-16
+diffusers-format LoRAs on every Linear, to_q/to_k/to_v included. ``flux`` keeps those projections separate, as
+diffusers does; ``flux-fused`` fuses each attention's q/k/v (and the text stream's) into one layer, as Forge and
+reForge store Flux (``qkv``), so that each projection's LoRA is a span of the fused layer, what Forge's offset entries
+become (``LowRankParts``); the LoRAs are the same numbers in both. No window or Spatial case there (Spatial's patches
+are an image latent's).
+
 Checks, before timing, per model and N (exit status 1 if any fails, so a fast wrong path cannot pass): Switch on
 LoRA k equals the UNet with only LoRA k merged, for every k; Composite sequential and both batched variants equal the
 mean of those references; batched equals sequential. Errors are relative to the reference's norm; the tolerance is
-1e-4 in fp32 (correct paths differ by ~1e-6) and 1e-2 in fp16 (they differ by ~2e-3: sd15 and the tiny models in fp16
-on a CPU); and the references must differ from one another and from Merge by over 5x the tolerance (they differ by
-0.1-0.2), or the LoRAs would be too weak for the check to mean anything.
+1e-4 in fp32 (correct paths differ by ~1e-6), 1e-2 in fp16 (they differ by ~2e-3: sd15 and the tiny models in fp16
+on a CPU) and 1.5e-2 in bf16 (~7e-3: the tiny Flux on a CPU); and the references must differ from one another and
+from Merge by over 5x the tolerance (they differ by 0.1-0.2), or the LoRAs would be too weak for the check to mean
+anything.
 
 Timed, interleaved with a rotating order, after one untimed round that also measures memory, medians of
 ``--repeats`` rounds: Merge (one call, no hooks), Switch (one call with one LoRA's complement hooks), Composite
-sequential (N calls), Composite batched (one call on N x rows) with stacked and unstacked deltas. On CUDA: CUDA
+sequential (N calls), Composite batched (one call on N x rows) with stacked and unstacked deltas. Memory per case:
+the model's parameters, what the case's engine holds beyond the LoRAs' own factors (stacked complements, scaled
+copies) and the call's peak above what was resident before it, against Merge's peak plus the LoRAs' factors
+(``*_peak_over_merge_plus_factors``, target <= 1.05). On CUDA: CUDA
 events, peak memory from ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On a CPU: one
 torch thread and its CPU time (hardly moved by other load), peak resident memory above the resident memory before the
 call (VmHWM reset through /proc/self/clear_refs, freed heap given back with ``malloc_trim`` first; n/a where Linux's
@@ -30,6 +43,7 @@ ratios use that variant. Prints a table per model and N, then, last, one JSON li
     python bench/unet_engine.py                        # CPU: SD1.5 at 64x64, N = 2, 3, 5
     python bench/unet_engine.py --size 128 --n 2,3     # the CPU figures in the README
     python bench/unet_engine.py --model tiny,tiny-xl --n 2 --repeats 1   # seconds: the unit test's run
+    python bench/unet_engine.py --model flux,flux-fused --n 2,3             # the README's Flux figures, ~17 min
 
 GPU (fp16, SD1.5 at 512x512 and SDXL at 1024x1024, cond+uncond batch, N = 2, 3, 5; not run yet, no GPU was lent when
 this was written; estimated 2-3 minutes on an H200 after the imports, cut off at 9). The device machine has torch and
@@ -39,6 +53,12 @@ ignored in .git/info/exclude), carry ``.whl`` and run:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
     PYTHONUNBUFFERED=1 timeout 540 python3 bench/unet_engine.py --device cuda --model sd15,sdxl --n 2,3,5 \
         --repeats 7 2>&1 | tee $OUT/unet_engine.log
+
+Flux on a GPU, the whole FLUX.1-dev transformer (19 + 38 blocks, 12 B parameters: 24 GB in bf16, twice that with the
+benchmark's copy of the weights for its references; an H200, nvidia-h200) at 1024x1024, N = 2, 3:
+
+    PYTHONUNBUFFERED=1 timeout 540 python3 bench/unet_engine.py --device cuda --dtype bf16 --model flux,flux-fused \
+        --flux-blocks 19,38 --n 2,3 --repeats 7 2>&1 | tee $OUT/unet_engine_flux.log
 """
 
 from __future__ import annotations
@@ -56,16 +76,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, Transformer2DModel, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib_multilora.engine import HookEngine, LowRankDelta, build_engine
+from lib_multilora.engine import HookEngine, LowRankDelta, LowRankParts, build_engine, low_rank_sum
 from lib_multilora.inner import MethodInner, composite_mean
 from lib_multilora.spatial import PATCH, TEMPERATURE, Spatial, spatial_mix
 
+CONTEXT_TOKENS = 77
 SD15_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD15_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 XL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
@@ -74,12 +95,18 @@ XL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
 @dataclass(frozen=True)
 class Model:
-    """A UNet config and what its inputs look like; ``pooled`` is SDXL's pooled text embedding width (None: SD1)."""
+    """A UNet config and what its inputs look like; ``pooled`` is SDXL's pooled text embedding width (None: SD1).
+    ``flux``: a ``FluxTransformer2DModel`` config instead, ``fused`` with its q/k/v projections fused as Forge and
+    reForge store them (``qkv``), each LoRA's to_q/to_k/to_v then a span of the fused layer (Forge's offset entries);
+    ``text`` its text tokens; one row per call (Flux-dev's distilled guidance runs at CFG 1, no uncond)."""
 
     config: dict[str, Any]
     gpu_size: int
     cpu_size: int
     pooled: int | None = None
+    flux: bool = False
+    fused: bool = False
+    text: int = CONTEXT_TOKENS
 
 
 MODELS = {
@@ -147,9 +174,28 @@ MODELS = {
         pooled=32,
     ),
 }
-CONTEXT_TOKENS = 77
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
+#: black-forest-labs/FLUX.1-dev transformer/config.json at its full width (24 heads of 128), with 2 double-stream and
+#: 2 single-stream blocks of its 19 + 38 on a CPU (``--flux-blocks 19,38`` on a GPU for the whole model).
+FLUX = dict(
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    in_channels=64,
+    axes_dims_rope=(16, 56, 56),
+)
+TINY_FLUX = dict(FLUX, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
+TINY_FLUX.update(joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+for _name, _config, _gpu, _cpu, _text in (("flux", FLUX, 1024, 256, 64), ("tiny-flux", TINY_FLUX, 64, 64, 8)):
+    for _fused in (False, True):
+        MODELS[_name + ("-fused" if _fused else "")] = Model(
+            _config, _gpu, _cpu, pooled=_config["pooled_projection_dim"], flux=True, fused=_fused, text=_text
+        )
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1.5e-2}
 SEPARATION = 5.0  # the references must differ by this many tolerances for the checks to mean anything
 LORA_SCALE = 0.8  # the paper's LoRA weight, alpha = rank
 UP_STD = 0.02  # each LoRA changes a layer's output by ~10% of its norm: weak, but far above the tolerances
@@ -184,22 +230,53 @@ class Inner(nn.Module):
         return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class FluxInner(nn.Module):
+    """The Flux transformer called as a Forge model function is: the packed latent tokens first, then the timestep,
+    the T5 tokens and the per-row vectors (CLIP's pooled output, the distilled guidance); the position ids have no
+    row dim."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.transformer, self.img_ids, self.txt_ids = transformer, img_ids, txt_ids
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict[str, torch.Tensor]) -> Any:
+        return self.transformer(
+            x, context, added["pooled"], t, self.img_ids, self.txt_ids, added["guidance"], return_dict=False
+        )[0]
+
+
 @dataclass
 class Lora:
-    """One rank-r LoRA's factors on one layer, kohya's shapes (1x1 conv factors on a conv), in the model's dtype."""
+    """One rank-r LoRA's factors on one layer, kohya's shapes (1x1 conv factors on a conv), in the model's dtype;
+    with ``span`` on those output features of a fused layer (a diffusers-format LoRA's to_q on Flux's ``qkv``)."""
 
     down: torch.Tensor
     up: torch.Tensor
+    span: tuple[int, int] | None = None
 
     def weight_delta(self, module: nn.Module) -> torch.Tensor:
-        """The webui's merge: ``scale * up @ down``, reshaped to the weight."""
-        return (LORA_SCALE * self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(module.weight.shape)
+        """The webui's merge: ``scale * up @ down``, reshaped to the weight (to its span's rows)."""
+        delta = (LORA_SCALE * self.up.flatten(1).float() @ self.down.flatten(1).float()).reshape(
+            -1, *module.weight.shape[1:]
+        )
+        if self.span is None:
+            return delta
+        full = torch.zeros(module.weight.shape, dtype=delta.dtype, device=delta.device)
+        full[self.span[0] : self.span[1]] = delta
+        return full
+
+    def delta(self) -> LowRankDelta:
+        return LowRankDelta(self.down, self.up, LORA_SCALE, self.span)
 
 
-def target_layers(unet: nn.Module) -> list[nn.Module]:
+#: Where one LoRA's factors go: the layer and the span of its output features (None: all of them).
+Site = tuple[nn.Module, tuple[int, int] | None]
+
+
+def target_layers(unet: nn.Module) -> list[Site]:
     """The layers a kohya LoRA trains in the UNet: every Linear and Conv2d inside a Transformer2DModel."""
     return [
-        m
+        (m, None)
         for block in unet.modules()
         if isinstance(block, Transformer2DModel)
         for m in block.modules()
@@ -207,30 +284,60 @@ def target_layers(unet: nn.Module) -> list[nn.Module]:
     ]
 
 
-def make_loras(layers: list[nn.Module], n: int, rank: int, like: torch.Tensor) -> list[dict[nn.Module, Lora]]:
-    """N LoRAs on every target layer, LoRA k seeded by k alone (the same LoRA k whatever N), drawn on the CPU so
+def flux_sites(transformer: FluxTransformer2DModel, fused: bool) -> list[Site]:
+    """Every Linear of the transformer, as a diffusers-format LoRA trains them: one LoRA per projection, to_q, to_k
+    and to_v included. ``fused``: q/k/v (and the text stream's) fused into one layer each, as Forge and reForge's Flux
+    stores them; each projection's LoRA then lands on its span of the fused layer, in the same order, so the LoRAs
+    (seeded per site) are the same numbers in both layouts."""
+    separate = [(name, m) for name, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    if not fused:
+        return [(m, None) for _, m in separate]
+    fusions = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv", 2)}
+    fusions |= {"add_q_proj": ("to_added_qkv", 0), "add_k_proj": ("to_added_qkv", 1), "add_v_proj": ("to_added_qkv", 2)}
+    transformer.fuse_qkv_projections()
+    sites: list[Site] = []
+    for name, m in separate:
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in fusions:
+            sites.append((m, None))
+            continue
+        fused_name, third = fusions[leaf]
+        attention = transformer.get_submodule(parent)
+        width = m.weight.shape[0]
+        sites.append((getattr(attention, fused_name), (third * width, (third + 1) * width)))
+    for name, _ in separate:  # the unfused projections are never called again: free them
+        parent, _, leaf = name.rpartition(".")
+        if leaf in fusions:
+            delattr(transformer.get_submodule(parent), leaf)
+    return sites
+
+
+def make_loras(sites: list[Site], n: int, rank: int, like: torch.Tensor) -> list[dict[nn.Module, list[Lora]]]:
+    """N LoRAs on every target site, LoRA k seeded by k alone (the same LoRA k whatever N), drawn on the CPU so
     that every device gets the same numbers."""
     loras = []
     for k in range(n):
         gen = torch.Generator().manual_seed(1000 + k)
-        per_layer = {}
-        for m in layers:
+        per_layer: dict[nn.Module, list[Lora]] = {}
+        for m, span in sites:
             d_out, d_in = m.weight.shape[:2]
+            d_out = d_out if span is None else span[1] - span[0]
             tail = (1, 1) if m.weight.dim() == 4 else ()
             down = torch.randn(rank, d_in, *tail, generator=gen) * d_in**-0.5
             up = torch.randn(d_out, rank, *tail, generator=gen) * UP_STD
-            per_layer[m] = Lora(down.to(like), up.to(like))
+            per_layer.setdefault(m, []).append(Lora(down.to(like), up.to(like), span))
         loras.append(per_layer)
     return loras
 
 
 @torch.no_grad()
-def merge_into(backup: dict[nn.Module, torch.Tensor], loras: list[dict[nn.Module, Lora]], ks: list[int]) -> None:
+def merge_into(backup: dict[nn.Module, torch.Tensor], loras: list[dict[nn.Module, list[Lora]]], ks: list[int]) -> None:
     """The base weights plus LoRAs ``ks``, added one after the other in the weights' dtype as the webui merges."""
     for m, base in backup.items():
         m.weight.copy_(base)
         for k in ks:
-            m.weight += loras[k][m].weight_delta(m).to(m.weight.dtype)
+            for lora in loras[k][m]:
+                m.weight += lora.weight_delta(m).to(m.weight.dtype)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -313,15 +420,17 @@ def refuse_fallback(message: str) -> None:
     raise RuntimeError(f"batched Composite fell back: {message}")
 
 
-def build(name: str, size: int, args: argparse.Namespace) -> tuple[Inner, tuple, list[nn.Module]]:
-    """The UNet with seeded random weights on the device, one cond+uncond call's inputs, the LoRA target layers."""
+def build(name: str, size: int, args: argparse.Namespace) -> tuple[nn.Module, tuple, list[Site]]:
+    """The UNet with seeded random weights on the device, one cond+uncond call's inputs, the LoRA target sites."""
     spec, device, dtype = MODELS[name], torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
+    if spec.flux:
+        return build_flux(spec, size, args)
     with torch.device(device):  # initialised where it runs: seconds on a GPU, where SDXL's init takes a minute on a CPU
         unet = UNet2DConditionModel(sample_size=size // 8, **spec.config)
     unet = unet.to(dtype).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
-    rows, latent = args.rows, size // 8
+    rows, latent = args.rows or 2, size // 8
     x = torch.randn(rows, 4, latent, latent, generator=gen).to(device, dtype)
     t = torch.full((rows,), 500.0, device=device)
     context = torch.randn(rows, CONTEXT_TOKENS, spec.config["cross_attention_dim"], generator=gen).to(device, dtype)
@@ -334,13 +443,41 @@ def build(name: str, size: int, args: argparse.Namespace) -> tuple[Inner, tuple,
     return Inner(unet), (x, t, context, added), target_layers(unet)
 
 
-def make_cases(inner: Inner, inputs: tuple, loras: list[dict[nn.Module, Lora]], cuda: bool) -> tuple[Cases, list[int]]:
-    """The five cases over weights that hold all N LoRAs merged, each engine built as ``engine.build_engine`` builds it
-    for plain LoRAs and run through :class:`MethodInner` as the host installs it; the list is Switch's step."""
-    n = len(loras)
-    deltas = {
-        m: {k: LowRankDelta(lora[m].down, lora[m].up, LORA_SCALE) for k, lora in enumerate(loras)} for m in loras[0]
+def build_flux(spec: Model, size: int, args: argparse.Namespace) -> tuple[nn.Module, tuple, list[Site]]:
+    """The Flux transformer (``--flux-blocks`` double and single blocks) with seeded random weights, one call's
+    inputs: a ``size`` image's 16-channel latent packed into 2x2 patches, ``spec.text`` T5 tokens, guidance 3.5."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = dict(spec.config)
+    if args.flux_blocks and spec.config is FLUX:
+        config["num_layers"], config["num_single_layers"] = (int(v) for v in args.flux_blocks.split(","))
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**config)
+    transformer = transformer.to(dtype).eval().requires_grad_(False)
+    sites = flux_sites(transformer, spec.fused)
+    gen = torch.Generator().manual_seed(1)
+    rows, side = args.rows or 1, size // 16  # the VAE's 8x, then 2x2 patches
+    x = torch.randn(rows, side * side, config["in_channels"], generator=gen).to(device, dtype)
+    t = torch.full((rows,), 0.5, device=device, dtype=dtype)
+    context = torch.randn(rows, spec.text, config["joint_attention_dim"], generator=gen).to(device, dtype)
+    added = {
+        "pooled": torch.randn(rows, config["pooled_projection_dim"], generator=gen).to(device, dtype),
+        "guidance": torch.full((rows,), 3.5, device=device, dtype=dtype),
     }
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    inner = FluxInner(transformer, img_ids.reshape(-1, 3).to(device), torch.zeros(spec.text, 3, device=device))
+    return inner, (x, t, context, added), sites
+
+
+def make_cases(
+    inner: nn.Module, inputs: tuple, loras: list[dict[nn.Module, list[Lora]]], cuda: bool, latent: bool
+) -> tuple[Cases, list[int]]:
+    """The cases over weights that hold all N LoRAs merged, each engine built as ``engine.build_engine`` builds it
+    for plain LoRAs (a LoRA's parts on one layer summed as the host's ``make_delta`` sums them) and run through
+    :class:`MethodInner` as the host installs it; the list is Switch's step. Only with an image-shaped latent
+    (``latent``: not Flux's packed tokens) the window (a 10-step run) and Spatial (its patches are the latent's)."""
+    n = len(loras)
+    deltas = {m: {k: low_rank_sum([p.delta() for p in lora[m]]) for k, lora in enumerate(loras)} for m in loras[0]}
     stacked, unstacked = (build_engine(deltas, n, keep_merged=True, stack=stack) for stack in (True, False))
     host = stacked if cuda else unstacked  # what the host builds on this device
     step = [0]
@@ -368,17 +505,18 @@ def make_cases(inner: Inner, inputs: tuple, loras: list[dict[nn.Module, Lora]], 
             outputs.append(windowed(*inputs))
         return outputs
 
-    with_base = build_engine(deltas, n, keep_merged=True, stack=cuda, base=True)
-    spatial = MethodInner(inner, with_base, "Spatial", n, 1, step=lambda: 0, spatial=spatial_settings(inputs))
     cases: Cases = {
         "merge": (None, lambda: inner(*inputs)),
         "switch": (host, lambda: switch(*inputs)),
         "composite_seq": (host, composite(host, False)),
         "batched_stacked": (stacked, composite(stacked, True)),
         "batched_unstacked": (unstacked, composite(unstacked, True)),
-        "window": (host, window_run),
-        "spatial": (with_base, lambda: spatial(*inputs)),
     }
+    if latent:
+        cases["window"] = (host, window_run)
+        with_base = build_engine(deltas, n, keep_merged=True, stack=cuda, base=True)
+        spatial = MethodInner(inner, with_base, "Spatial", n, 1, step=lambda: 0, spatial=spatial_settings(inputs))
+        cases["spatial"] = (with_base, lambda: spatial(*inputs))
     return cases, step
 
 
@@ -393,12 +531,13 @@ def spatial_settings(inputs: tuple) -> Spatial:
 
 def run_model(name: str, size: int, ns: list[int], args: argparse.Namespace, clock: Clock) -> Iterator[dict[str, Any]]:
     """Build one UNet, then check and time every case for each N; one result dict per N, as each is done."""
-    inner, inputs, layers = build(name, size, args)
-    backup = {m: m.weight.detach().clone() for m in layers}
+    inner, inputs, sites = build(name, size, args)
+    backup = {m: m.weight.detach().clone() for m, _ in sites}
     cuda = torch.device(args.device).type == "cuda"
     tol = TOLERANCE[DTYPES[args.dtype]]
+    model_mib = sum(p.numel() * p.element_size() for p in inner.parameters()) / 2**20
     for n in ns:
-        loras = make_loras(layers, n, args.rank, like=backup[layers[0]])
+        loras = make_loras(sites, n, args.rank, like=backup[sites[0][0]])
         with torch.no_grad():
             refs = []
             for k in range(n):
@@ -407,21 +546,28 @@ def run_model(name: str, size: int, ns: list[int], args: argparse.Namespace, clo
             merge_into(backup, loras, [])
             base = inner(*inputs)  # no LoRA: Spatial Composite's base
         merge_into(backup, loras, list(range(n)))  # what the webui holds for a prompt with these N LoRAs
-        cases, step = make_cases(inner, inputs, loras, cuda)
+        cases, step = make_cases(inner, inputs, loras, cuda, latent=not MODELS[name].flux)
         errors, separation = check(cases, refs, base, inputs, step)
         ok = all(e <= tol for e in errors.values()) and separation > SEPARATION * tol
+        factors = {id(t): t for lora in loras for parts in lora.values() for p in parts for t in (p.down, p.up)}
         result: dict[str, Any] = {
             "model": name,
             "size": size,
             "n": n,
-            "layers": len(layers),
+            "rows": inputs[0].shape[0],
+            "layers": len(backup),
+            "sliced_layers": sum(any(p.span for p in parts) for parts in loras[0].values()),
             "ok": ok,
             "tolerance": tol,
             "separation": separation,
             "max_rel_err": errors,
+            "model_mib": model_mib,
+            "lora_factors_mib": sum(t.numel() * t.element_size() for t in factors.values()) / 2**20,
         }
         if ok:
             result.update(timings(cases, n, args.repeats, clock, batched="stacked" if cuda else "unstacked"))
+            result["engine_mib"] = {case: held_mib(engine, factors) for case, (engine, _) in cases.items()}
+            result.update(memory_ratios(result))
         yield result
 
 
@@ -448,14 +594,17 @@ def check(
                 window = fn()
             else:
                 outs[case] = fn()
-    merge, spatial = outs.pop("merge"), outs.pop("spatial")
+    merge, spatial = outs.pop("merge"), outs.pop("spatial", None)
     errors = {"switch": max(switch_errs), **{case: rel_err(out, mean_ref) for case, out in outs.items()}}
     errors["batched_vs_seq"] = max(rel_err(outs[c], outs["composite_seq"]) for c in outs if c != "composite_seq")
-    inside = round(WINDOW_END * WINDOW_STEPS)
-    errors["window"] = max(rel_err(out, mean_ref if i < inside else merge) for i, out in enumerate(window))
-    settings = spatial_settings(inputs)
-    expected = spatial_mix(refs, base, inputs[0], inputs[1], settings.cond_rows(inputs[0].shape[0]), PATCH, TEMPERATURE)
-    errors["spatial"] = rel_err(spatial, expected)
+    if window:
+        inside = round(WINDOW_END * WINDOW_STEPS)
+        errors["window"] = max(rel_err(out, mean_ref if i < inside else merge) for i, out in enumerate(window))
+    if spatial is not None:
+        settings = spatial_settings(inputs)
+        cond_rows = settings.cond_rows(inputs[0].shape[0])
+        expected = spatial_mix(refs, base, inputs[0], inputs[1], cond_rows, PATCH, TEMPERATURE)
+        errors["spatial"] = rel_err(spatial, expected)
     apart = [rel_err(merge, ref) for ref in [*refs, mean_ref]]
     apart += [rel_err(refs[j], refs[k]) for j in range(n) for k in range(j)]
     return errors, min(apart)
@@ -482,17 +631,63 @@ def timings(cases: Cases, n: int, repeats: int, clock: Clock, batched: str) -> d
     if ms:
         merge, seq, chosen = ms["merge"], ms["composite_seq"], ms[f"batched_{batched}"]
         values = (ms["switch"] / merge, seq / (n * merge), chosen / seq, chosen / merge)
-        values += (ms["batched_stacked"] / ms["batched_unstacked"], ms["window"] / (WINDOW_STEPS * merge))
-        out.update(zip(RATIOS, (*values, ms["spatial"] / ((n + 1) * merge)), strict=True))
+        values += (ms["batched_stacked"] / ms["batched_unstacked"],)
+        if "window" in ms:
+            values += (ms["window"] / (WINDOW_STEPS * merge), ms["spatial"] / ((n + 1) * merge))
+        out.update(zip(RATIOS, values, strict=False))
     return out
 
 
-def print_table(result: dict[str, Any], device: str, dtype: str, rank: int, rows: int, repeats: int) -> None:
+def held_mib(engine: HookEngine | None, factors: dict[int, torch.Tensor]) -> float:
+    """What an engine's deltas hold beyond the LoRAs' own factors (which the host holds anyway): stacked
+    complements, scaled and cast copies, in MiB."""
+    if engine is None:
+        return 0.0
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in factors:
+                seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, (LowRankDelta, LowRankParts)):
+            for item in vars(value).values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit([list(per_layer.values()) for per_layer in engine.deltas.values()])
+    return sum(seen.values()) / 2**20
+
+
+def memory_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Per case, its peak (the model, what its engine holds, the call's peak above that) over Merge's peak plus the
+    LoRAs' factors: the target is 1.05 at most."""
+    peak = result["peak_extra_mib"]
+    if any(v is None for v in peak.values()):
+        return {}
+    budget = result["model_mib"] + peak["merge"] + result["lora_factors_mib"]
+    return {
+        f"{case}_peak_over_merge_plus_factors": (result["model_mib"] + result["engine_mib"][case] + peak[case]) / budget
+        for case in peak
+        if case != "merge"
+    }
+
+
+def print_table(result: dict[str, Any], device: str, dtype: str, rank: int, repeats: int) -> None:
     size, n = result["size"], result["n"]
+    sliced = f" ({result['sliced_layers']} of them fused, LoRAs on spans)" if result["sliced_layers"] else ""
     print(
-        f"{result['model']} {size}x{size}, rows {rows}, N={n}, rank {rank}, {dtype} on {device}: "
-        f"{result['layers']} LoRA layers, median of {repeats}; references apart by {result['separation']:.3g}, "
-        f"tolerance {result['tolerance']:g}: {'ok' if result['ok'] else 'FAILED'}"
+        f"{result['model']} {size}x{size}, rows {result['rows']}, N={n}, rank {rank}, {dtype} on {device}: "
+        f"{result['layers']} LoRA layers{sliced}, median of {repeats}; references apart by "
+        f"{result['separation']:.3g}, tolerance {result['tolerance']:g}: {'ok' if result['ok'] else 'FAILED'}"
+    )
+    print(
+        f"  model {result['model_mib']:.0f} MiB, the N LoRAs' factors {result['lora_factors_mib']:.1f} MiB; "
+        f"engine beyond them: {result.get('engine_mib', {}).get('switch', float('nan')):.1f} MiB"
     )
     errors, ms, peak = result["max_rel_err"], result.get("median_ms", {}), result.get("peak_extra_mib", {})
     merge = ms.get("merge")
@@ -512,6 +707,9 @@ def print_table(result: dict[str, Any], device: str, dtype: str, rank: int, rows
     for key in RATIOS:
         if key in result:
             print(f"  {key:<28} {result[key]:.3f}")
+    for key, value in result.items():
+        if key.endswith("_peak_over_merge_plus_factors"):
+            print(f"  {key:<44} {value:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,7 +729,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", default="2,3,5", help="comma-separated numbers of LoRAs (default 2,3,5)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=2, help="rows per denoiser call (cond+uncond = 2)")
+    parser.add_argument(
+        "--rows", type=int, help="rows per denoiser call (default: cond+uncond = 2; 1 for Flux, at CFG 1)"
+    )
+    parser.add_argument(
+        "--flux-blocks", help="double,single blocks of the full-width Flux (default 2,2; 19,38 is FLUX.1's depth)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 on CUDA, 3 on a CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -559,14 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         size = args.size or (MODELS[name].gpu_size if cuda else MODELS[name].cpu_size)
         for result in run_model(name, size, ns, args, clock):
-            print_table(result, device_name, args.dtype, args.rank, args.rows, args.repeats)
+            print_table(result, device_name, args.dtype, args.rank, args.repeats)
             results.append(result)
     ok = all(r["ok"] for r in results)
     summary = {
         "device": device_name,
         "dtype": args.dtype,
         "rank": args.rank,
-        "rows": args.rows,
         "repeats": args.repeats,
         "timer": "cuda events" if cuda else "thread cpu time",
         "memory": "cuda max_memory_allocated - allocated" if cuda else "VmHWM - VmRSS after malloc_trim",

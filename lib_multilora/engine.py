@@ -50,50 +50,147 @@ def _conv2d(
     return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, groups)
 
 
+#: Output features ``[start, stop)`` of a Linear: where a LoRA on a slice of a fused weight lands.
+Span = tuple[int, int]
+
+
+def _add_linear(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, span: Span | None) -> None:
+    """``out[..., span] += h @ up.T`` in place: straight into the output's columns (one ``addmm_`` that writes no
+    copy of the layer's output) when the output is one matrix in memory of ``h``'s dtype, else through a temporary
+    (an output of another dtype: autocast)."""
+    if out.is_contiguous() and out.dtype == h.dtype == up.dtype:
+        target = out.view(-1, out.shape[-1])
+        target = target if span is None else target[:, span[0] : span[1]]
+        target.addmm_(h.reshape(-1, h.shape[-1]), up.T)
+        return
+    target = out if span is None else out[..., span[0] : span[1]]
+    target += F.linear(h, up)
+
+
 @dataclass
 class LowRankDelta:
-    """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out."""
+    """``up(down(x)) * scale`` for a plain LoRA on a Linear or Conv2d: r*(d_in + d_out) work, not d_in*d_out.
+
+    With ``span`` (Linear only) ``up``'s rows are the output features ``[start, stop)`` of the layer: a LoRA on a
+    slice of a fused weight (Flux's ``qkv`` and ``linear1``, which diffusers-format LoRAs train as separate
+    ``to_q``/``to_k``/``to_v``), kept at the size of its factors. With ``ranks``, the delta is only those rank
+    columns of ``down``/``up``: a view of a stack that other deltas share, cast copies included (``_cache``), as
+    :func:`complements` builds them."""
 
     down: torch.Tensor  # [r, d_in] or [r, c_in, kh, kw]
-    up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]
+    up: torch.Tensor  # [d_out, r] or [c_out, r, 1, 1]; with a span [stop - start, r]
     scale: float
+    span: Span | None = None
+    ranks: tuple[tuple[int, int], ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    _pairs: dict = field(default_factory=dict, repr=False)
 
     def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``down`` and ``up * scale`` on ``like``'s device and dtype, made once per (device, dtype): folding the
-        scale in saves a pass over the output on every call."""
+        scale in saves a pass over the output on every call; no copy where nothing changes."""
         key = (like.device, like.dtype)
         out = self._cache.get(key)
         if out is None:
-            up = self.up.to(device=like.device, dtype=torch.float32) * self.scale
-            out = self._cache[key] = (self.down.to(device=like.device, dtype=like.dtype), up.to(like.dtype))
+            up = self.up if self.scale == 1.0 else self.up.to(device=like.device, dtype=torch.float32) * self.scale
+            cast = (self.down.to(device=like.device, dtype=like.dtype), up.to(device=like.device, dtype=like.dtype))
+            out = self._cache[key] = cast
         return out
 
+    def _ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.ranks or ((0, self.down.shape[0]),)
+
+    def _views(self, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(down, up * scale)`` per rank range, views of :meth:`_factors`, made once per (device, dtype): a hook
+        call then slices nothing. A conv's ``up`` columns are copied (its weight must be contiguous, or every call
+        copies it; a 1x1 conv's ``up`` is small), a Linear's stay views (``addmm_`` reads them strided)."""
+        key = (like.device, like.dtype)
+        out = self._pairs.get(key)
+        if out is None:
+            down, up = self._factors(like)
+            out = [(down[a:b], up[:, a:b]) for a, b in self._ranges()]
+            out = self._pairs[key] = [(d, u.contiguous() if u.dim() == 4 else u) for d, u in out]
+        return out
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This delta's own ``down`` and ``up * scale`` (its ranks' columns: a copy for a view of a stack)."""
+        down, up = self.down, self.up.float() * self.scale
+        if self.ranks is None:
+            return down, up
+        return torch.cat([down[a:b] for a, b in self.ranks]), torch.cat([up[:, a:b] for a, b in self.ranks], dim=1)
+
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        down, up = self._factors(x)
-        if down.dim() == 4:
-            return F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
-        return F.linear(F.linear(x, down), up)
+        views = self._views(x)
+        if views[0][0].dim() == 4:
+            x = _match_channels(x, views[0][0].shape[1])
+            convs = [F.conv2d(_conv2d(x, down, None, module), up) for down, up in views]
+            return functools.reduce(torch.add, convs)
+        out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
+        self.add_(module, x, out)
+        return out
 
     @classmethod
     def concat(cls, deltas: Sequence[LowRankDelta], scale: float = 1.0) -> LowRankDelta:
-        """``scale * sum(deltas)`` on one layer as one delta: the factors stacked along the rank, each delta's scale
-        folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not copied."""
+        """``scale * sum(deltas)`` on one layer and one span as one delta: the factors stacked along the rank, each
+        delta's scale folded into its ``up``, so any number of LoRAs costs the two matmuls of one. One delta is not
+        copied. Deltas on different spans: :func:`low_rank_sum`."""
+        span = deltas[0].span
+        if any(d.span != span or d.ranks is not None for d in deltas):
+            raise ValueError("LowRankDelta.concat joins whole deltas of one span; low_rank_sum joins any")
         if len(deltas) == 1:
-            return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale)
+            return cls(deltas[0].down, deltas[0].up, deltas[0].scale * scale, span)
         dtype = functools.reduce(torch.promote_types, (d.down.dtype for d in deltas))
         device = deltas[0].down.device
         down = torch.cat([d.down.to(device=device, dtype=dtype) for d in deltas])
         up = torch.cat([(d.up.to(device=device, dtype=torch.float32) * d.scale).to(dtype) for d in deltas], dim=1)
-        return cls(down, up, scale)
+        return cls(down, up, scale, span)
 
-    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + self(module, x)``; on a Linear the add is fused into the second matmul (``addmm``)."""
-        down, up = self._factors(x)
-        if down.dim() == 4:
-            return output + self(module, x)
-        h = F.linear(x, down).reshape(-1, down.shape[0])
-        return torch.addmm(output.reshape(-1, up.shape[0]), h, up.T).view(output.shape)
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += self(module, x)`` in place (``out`` is the layer's output for ``x``, or rows of it)."""
+        for down, up in self._views(x):
+            if down.dim() == 4:
+                out += F.conv2d(_conv2d(_match_channels(x, down.shape[1]), down, None, module), up)
+            else:
+                _add_linear(out, F.linear(x, down), up, self.span)
+
+
+@dataclass
+class LowRankParts:
+    """A sum of plain low-rank deltas on one Linear that land on different spans of its output features: a
+    diffusers-format LoRA on Flux's fused ``linear1`` (its ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``), or such
+    slices beside a LoRA on the whole layer (a complement). Each part adds its ``up`` into its own columns of the
+    output in place: the memory and work of the factors. Zero-padding each ``up`` to the whole output instead would
+    hold d_out x rank per part and do that much work (on Flux's linear1: 3x the memory, 4x the ``up`` matmul; one CPU
+    run of bench/engine_micro.py --spans gave Switch's hook 4.1% of the layer that way, 0.5% this way)."""
+
+    parts: tuple[LowRankDelta, ...]
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], module.weight.shape[0])
+        self.add_(module, x, out)
+        return out
+
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        for part in self.parts:
+            part.add_(module, x, out)
+
+
+#: A plain LoRA's delta on one layer, whole or in slices.
+LowRank = LowRankDelta | LowRankParts
+
+
+def parts(delta: LowRank) -> tuple[LowRankDelta, ...]:
+    return delta.parts if isinstance(delta, LowRankParts) else (delta,)
+
+
+def low_rank_sum(deltas: Sequence[LowRank], scale: float = 1.0) -> LowRank:
+    """``scale * sum(deltas)`` as one delta: per span, the deltas' factors stacked along the rank
+    (:meth:`LowRankDelta.concat`); a :class:`LowRankParts` where they land on different spans."""
+    by_span: dict[Span | None, list[LowRankDelta]] = {}
+    for delta in deltas:
+        for part in parts(delta):
+            by_span.setdefault(part.span, []).append(part)
+    summed = tuple(LowRankDelta.concat(group, scale) for group in by_span.values())
+    return summed[0] if len(summed) == 1 else LowRankParts(summed)
 
 
 @dataclass
@@ -108,8 +205,8 @@ class DenseDelta:
     _delta: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def add_to(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return output + self(module, x)
+    def add_(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        out += self(module, x)
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self._delta is None:
@@ -151,20 +248,49 @@ def _norm_delta(normed: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | 
     return out
 
 
-#: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_to(module, x, output)`` adds it.
-Delta = LowRankDelta | DenseDelta
+#: ``delta(module, x)``: the change to the layer's output for input ``x``; ``delta.add_(module, x, output)`` adds it
+#: to the output in place (the layer made it for this call: writing into it saves a copy of it per hooked layer).
+Delta = LowRankDelta | LowRankParts | DenseDelta
 
 
-def complements(deltas: Mapping[int, LowRankDelta], n: int) -> dict[int, LowRankDelta]:
+def complements(deltas: Mapping[int, LowRank], n: int, base: bool = False) -> dict[int, LowRank]:
     """For a layer whose weights hold every one of these LoRAs merged: per LoRA ``k < n``, minus the sum of the
-    *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone. No entry where no
-    other LoRA touches the layer (nothing to take away)."""
-    ordered = sorted(deltas.items())
-    out = {}
-    for k in range(n):
-        others = [d for j, d in ordered if j != k]
-        if others:
-            out[k] = LowRankDelta.concat(others, scale=-1.0)
+    *other* LoRAs' deltas, so that the merged layer plus complement ``k`` runs LoRA ``k`` alone; with ``base``, index
+    ``n`` too: minus all of them (Spatial Composite's base). No entry where no other LoRA touches the layer.
+
+    Per span, one stack of every LoRA's factors there, negated, scales folded in: complement ``k`` is the stack's rank
+    columns of the others (one or two ranges: a pair of thin matmuls each), so the pass holds one copy of the LoRAs'
+    factors whatever N, not one per complement."""
+    by_span: dict[Span | None, list[tuple[int, LowRankDelta]]] = {}
+    for j, delta in sorted(deltas.items()):
+        for part in parts(delta):
+            by_span.setdefault(part.span, []).append((j, part))
+    stacks = []
+    for span, members in by_span.items():
+        stack = LowRankDelta.concat([LowRankDelta(p.down, p.up, -p.scale, span) for _, p in members])
+        ranks, start = [], 0
+        for j, part in members:
+            ranks.append((j, start, start + part.down.shape[0]))
+            start += part.down.shape[0]
+        stacks.append((stack, ranks))
+    out: dict[int, LowRank] = {}
+    for k in range(n + 1 if base else n):
+        views = []
+        for stack, ranks in stacks:
+            kept: list[tuple[int, int]] = []
+            for j, start, stop in ranks:
+                if j == k:
+                    continue
+                if kept and kept[-1][1] == start:
+                    kept[-1] = (kept[-1][0], stop)
+                else:
+                    kept.append((start, stop))
+            if kept:
+                whole = kept == [(0, stack.down.shape[0])]
+                ranks_k = None if whole else tuple(kept)
+                views.append(LowRankDelta(stack.down, stack.up, stack.scale, stack.span, ranks_k, stack._cache))
+        if views:
+            out[k] = views[0] if len(views) == 1 else LowRankParts(tuple(views))
     return out
 
 
@@ -181,10 +307,8 @@ def build_engine(
     stay merged, nothing where they were taken out."""
     engine = HookEngine(stack=stack)
     for module, per_layer in deltas.items():
-        for k, delta in (complements(per_layer, n) if keep_merged else per_layer).items():
+        for k, delta in (complements(per_layer, n, base) if keep_merged else per_layer).items():
             engine.add(module, k, delta)
-        if base and keep_merged:
-            engine.add(module, n, LowRankDelta.concat([per_layer[k] for k in sorted(per_layer)], scale=-1.0))
     return engine
 
 
@@ -197,23 +321,24 @@ class StackedLowRank:
 
     def __init__(self, deltas: Sequence[LowRankDelta | None]) -> None:
         present = [d for d in deltas if d is not None]
-        rank = max(d.down.shape[0] for d in present)
+        rank = max(sum(b - a for a, b in d._ranges()) for d in present)
         d_in, d_out = present[0].down.shape[1], present[0].up.shape[0]
         like = present[0].down
         self.down = torch.zeros(len(deltas), d_in, rank, device=like.device, dtype=torch.float32)
         self.up = torch.zeros(len(deltas), rank, d_out, device=like.device, dtype=torch.float32)
         for g, d in enumerate(deltas):
             if d is not None:
-                r = d.down.shape[0]
-                self.down[g, :, :r] = d.down.float().T
-                self.up[g, :r] = (d.up.float() * d.scale).T
+                down, up = d.factors()
+                self.down[g, :, : down.shape[0]] = down.float().T
+                self.up[g, : down.shape[0]] = up.T
         self._cache: dict = {}
 
     @classmethod
     def build(cls, module: nn.Module, deltas: Sequence[Delta | None]) -> StackedLowRank | None:
-        """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank; else None."""
+        """A stack when it pays: a Linear with at least two groups' deltas, all plain low-rank on the whole layer;
+        else None. Deltas on spans run per group: stacked, their ``up``s would be zero-padded to the whole output."""
         present = [d for d in deltas if d is not None]
-        plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 for d in present)
+        plain = all(isinstance(d, LowRankDelta) and d.down.dim() == 2 and d.span is None for d in present)
         return cls(deltas) if is_linear(module) and plain and len(present) > 1 else None
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -290,7 +415,9 @@ class HookEngine:
         x = args[0]
         if len(groups) == 1 and groups[0][1] == 0 and groups[0][2] is None:
             delta = deltas.get(groups[0][0])
-            return None if delta is None else delta.add_to(module, x, output)
+            if delta is not None:
+                delta.add_(module, x, output)
+            return output
         if self._total_rows is not None and not x.shape[0] == output.shape[0] == self._total_rows:
             self.misrouted = True
             return None
@@ -298,12 +425,11 @@ class HookEngine:
             stacked = self._stacked(module, deltas, groups)
             if stacked is not None:
                 return stacked(x, output)
-        out = output.clone()
         for k, start, stop in groups:
             delta = deltas.get(k)
             if delta is not None:
-                out[start:stop] += delta(module, x[start:stop])
-        return out
+                delta.add_(module, x[start:stop], output[start:stop])
+        return output
 
     def _stacked(self, module: nn.Module, deltas: dict[int, Delta], groups: tuple[Group, ...]) -> StackedLowRank | None:
         """The stack for this layer and LoRA order, built on first use in the pass."""

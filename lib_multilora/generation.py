@@ -22,7 +22,7 @@ import torch
 
 from . import neighbours, nesting
 from .args import MERGE, MIXING, ArgsError, MultiLoraArgs, label_of
-from .engine import Delta, HookEngine, LowRankDelta, build_engine
+from .engine import Delta, HookEngine, LowRank, build_engine
 from .inner import MethodInner, runs_batched
 from .plan import composite_weights, select
 from .schedule import hires_offset, sampling_step
@@ -334,7 +334,7 @@ def start_pass(p: Any, host: Host) -> None:
     if untouched:
         warn(p, f"{', '.join(untouched)} touch no UNet layer (text encoder only?)")
     keep_merged = plan.exact_merge and all(
-        isinstance(d, LowRankDelta) for per_layer in plan.deltas.values() for d in per_layer.values()
+        isinstance(d, LowRank) for per_layer in plan.deltas.values() for d in per_layer.values()
     )
     spatial = resolved.args.method == "Spatial"
     engine = build_engine(plan.deltas, len(composed), keep_merged, host.device().type == "cuda", base=spatial)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import generation
-from ..engine import Delta, DenseDelta, HookEngine, LowRankDelta, is_linear
+from ..engine import Delta, DenseDelta, HookEngine, LowRankDelta, is_linear, low_rank_sum
 from ..generation import Plan, Resolved, report_unscheduled
 from ..inner import MethodInner
 from ..spatial import Spatial, chunk_cond_rows
@@ -40,6 +40,10 @@ from ..spatial import Spatial, chunk_cond_rows
 Entries = list[Any]
 #: UNet storage dtypes that keep a merged plain LoRA exact enough for a hook to subtract it again.
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+#: The parameters of a layer that a delta can change (:class:`DenseDelta`'s ops).
+LAYER_PARAMETERS = ("weight", "bias")
+#: Columns of a LoRA's delta per block when checking that a patch entry's function is one of its rows (:func:`through`).
+CHECK_COLUMNS = 64
 
 
 @dataclass
@@ -138,6 +142,10 @@ class PatcherHost:
         entries = self.entries(p, patcher, composed)
         if not entries and not self.entries(p, objects.clip.patcher, composed):
             return f"{', '.join(map(generation.prompt_name, composed))}: the webui loaded no patches for them"
+        others = sorted(key for key in entries if key.rsplit(".", 1)[1] not in LAYER_PARAMETERS)
+        if others:  # a norm's scale (Flux's RMSNorm): the hooks apply deltas of a layer's weight and bias only
+            more = f" and {len(others) - 2} more" if len(others) > 2 else ""
+            return f"the composed LoRAs patch {', '.join(others[:2])}{more}, which the hooks cannot apply"
         layers = {patcher.model.get_submodule(key.rsplit(".", 1)[0]) for key in entries}
         foreign = sorted({type(module).__name__ for module in layers if not applicable(module)})
         if foreign:
@@ -179,7 +187,7 @@ class PatcherHost:
         if set(per_parameter) == {"weight"}:
             low_rank = [self.plain_low_rank(entry, module.weight) for entry in per_parameter["weight"][1]]
             if all(d is not None for d in low_rank):
-                return LowRankDelta.concat(low_rank)
+                return low_rank_sum(low_rank)
 
         def compute(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             deltas = {}
@@ -192,28 +200,35 @@ class PatcherHost:
         return DenseDelta(compute)
 
     def plain_low_rank(self, entry: Any, weight: torch.Tensor) -> LowRankDelta | None:
-        """``strength * alpha / rank * up @ down`` as factors in the layer's own layout, for a plain LoRA entry on a
-        linear or conv2d weight with no weight scaling, slice or function; None for anything else."""
+        """``strength * alpha / rank * function(up @ down)`` as factors in the layer's own layout, for a plain LoRA
+        entry on a linear or conv2d weight with no weight scaling (``strength_model``); on a slice of a Linear's
+        output features (``offset``: diffusers-format Flux LoRAs on the fused ``qkv``/``linear1``) as a delta on that
+        span; with a ``function`` that moves the delta's rows (``swap_scale_shift``), through its ``up``. None for
+        anything else: the backend's merge then computes the delta (:class:`DenseDelta`)."""
         strength, patch, strength_model, offset, function = entry
         factors = self.lora_factors(patch)
-        if factors is None or strength_model != 1.0 or offset is not None or function:
+        if factors is None or strength_model != 1.0 or weight.dim() not in (2, 4):  # linear or conv2d
             return None
         up, down, alpha = factors
-        if weight.dim() not in (2, 4):  # the low-rank path is a linear or a conv2d
-            return None
+        rows, span = weight.shape[0], None
+        if offset is not None:  # (dim, start, length): the merge narrows the weight to it
+            dim, start, length = offset
+            if dim != 0 or weight.dim() != 2 or start < 0 or start + length > rows:
+                return None
+            rows, span = length, (start, start + length)
         rank = down.shape[0]
-        if (
-            up.shape[0] != weight.shape[0]
-            or down.numel() != rank * weight[0].numel()
-            or up.numel() != weight.shape[0] * rank
-        ):
+        if down.numel() != rank * weight[0].numel() or up.shape[0] != rows or up.numel() != rows * rank:
             return None
         if weight.dim() == 4:
-            down, up = down.reshape(rank, *weight.shape[1:]), up.reshape(weight.shape[0], rank, 1, 1)
+            down, up = down.reshape(rank, *weight.shape[1:]), up.reshape(rows, rank, 1, 1)
         else:
             down, up = down.flatten(1), up.flatten(1)
+        if function is not None:
+            up = through(function, up.detach(), down.detach())
+            if up is None:
+                return None
         scale = strength * (float(alpha) / rank if alpha is not None else 1.0)
-        return LowRankDelta(down.detach(), up.detach(), float(scale))
+        return LowRankDelta(down.detach(), up.detach(), float(scale), span)
 
     def mute_text_encoder(self, p: Any, muted: list[Any]) -> tuple[Any, Any, Any]:
         """A clone of the CLIP patcher without the muted LoRAs' patches, for the conds (the webui merges the text
@@ -292,6 +307,24 @@ class PatcherHost:
         report_unscheduled(p, state.wrapper, state.names)
         if state.taken_out:  # merge every LoRA back into the weights, as a plain generation leaves them
             self.remerge(state.original)
+
+
+def through(function: Callable[[torch.Tensor], torch.Tensor], up: torch.Tensor, down: torch.Tensor) -> Any:
+    """``function(up)`` when it gives what the merge adds, ``function(up @ down) = function(up) @ down`` (a function
+    of the delta's rows: ``swap_scale_shift`` swaps the halves of Flux's final modulation), checked on this LoRA's
+    own factors in float32 once per pass, a block of columns of the delta at a time (the whole delta at once would be
+    a transient of the layer's size: 150 MB on Flux's final modulation); else None."""
+    dtype, up, down = up.dtype, up.float(), down.float().flatten(1)
+    try:
+        moved = function(up)
+        if moved.shape != up.shape:
+            return None
+        for block in down.split(CHECK_COLUMNS, dim=1):
+            if not torch.allclose(function(up.flatten(1) @ block), moved.flatten(1) @ block):
+                return None
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
+    return moved.to(dtype)
 
 
 def applicable(module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ import pytest
 from hosts.tier import assert_no_trace, snapshot
 from webui.server import DEFAULT_TXT2IMG, SAME, max_diff, trace
 
-from .flux_helpers import FLUX, KOHYA, STEPS, gen, within_floor
+from .flux_helpers import FLUX, KOHYA, LAYOUTS, STEPS, gen, within_floor
 from .helpers import PROMPT, additional_modules, checkpoint, linked, ml, model_links, multilora, unet_storage
 from .server import SKIP_REASON, forge_dir_from_env, tracebacks
 from .tiny_dit import FLUX_NAME
@@ -63,21 +63,21 @@ def quantized(forge: WebuiClient, forge_assets: ForgeAssets, flux_assets: dict[s
         yield
 
 
-def online_reference(forge: WebuiClient) -> np.ndarray:
-    """Forge's own online generation of mfA alone in the transformer (mfB in the text encoders), within the noise
-    floor of the same with the LoRAs' order swapped."""
-    return within_floor(forge, KOHYA["A unet"], KOHYA["A unet swapped"])
+def online_reference(forge: WebuiClient, prompts: dict[str, str] = KOHYA) -> np.ndarray:
+    """Forge's own online generation of the first LoRA alone in the transformer (the second in the text encoders),
+    within the noise floor of the same with the LoRAs' order swapped."""
+    return within_floor(forge, prompts["A unet"], prompts["A unet swapped"])
 
 
-def assert_methods_match(forge: WebuiClient, reference: np.ndarray) -> None:
+def assert_methods_match(forge: WebuiClient, reference: np.ndarray, prompts: dict[str, str] = KOHYA) -> None:
     """Switch with tau >= steps is ``reference``, the composed LoRAs taken out of the patcher, and Composite is the
     per-step mean of the single-LoRA outputs."""
-    switch = gen(forge, KOHYA["AB"], **multilora("Switch", tau=STEPS))
+    switch = gen(forge, prompts["AB"], **multilora("Switch", tau=STEPS))
     assert "Multi-LoRA method: Switch" in switch.infotext
     calls = trace(forge)
     assert [c["active"] for c in calls] == [[0]] * STEPS and all(c["patched"] == [] for c in calls), calls
     assert max_diff(reference, switch.image) <= SAME
-    gen(forge, KOHYA["AB"], **multilora("Composite"))
+    gen(forge, prompts["AB"], **multilora("Composite"))
     assert all(c["diff_vs_mean"] <= 1e-5 and c["spread"] > 1e-3 for c in trace(forge))
 
 
@@ -91,7 +91,7 @@ def assert_loha_refused(forge: WebuiClient, where: str) -> None:
 
 @pytest.mark.usefixtures("no_tracebacks")
 def test_gguf_q8_0_online_and_merged(forge: WebuiClient) -> None:
-    """Q8_0: online, the methods match Forge's online generation and a LoHa is refused; merged (Forge requantizes
+    """Q8_0: online, the methods match Forge's online generation in both LoRA layouts and a LoHa is refused; merged (Forge requantizes
     the weights with the LoRAs), they still match it, and the requantized weights are put back as Forge's own merge
     leaves them."""
     mark = forge.log_mark()
@@ -101,6 +101,8 @@ def test_gguf_q8_0_online_and_merged(forge: WebuiClient) -> None:
         assert "Using Detected UNet Type: gguf" in log and "'storage_dtype': 'gguf'" in log, log
         assert "Missing:" not in log and "Unexpected:" not in log, log
         assert_methods_match(forge, reference)
+        diffusers = LAYOUTS["diffusers"]  # q, k and v as slices of the fused weight: low rank, no weight read
+        assert_methods_match(forge, online_reference(forge, diffusers), diffusers)
         assert_loha_refused(forge, "stored as gguf")
         before = snapshot(forge, lambda: gen(forge, KOHYA["AB"]))
         gen(forge, KOHYA["AB"], **ml(method="Composite", execution="Batched"))

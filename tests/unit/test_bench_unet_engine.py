@@ -1,5 +1,6 @@
 """bench/unet_engine.py at its smallest: every case equals its merged-weight reference on real diffusers UNets (an
-SD1-like and an SDXL-like one), the JSON line has what the README quotes, and a wrong path makes the run fail.
+SD1-like and an SDXL-like one) and Flux transformers (q/k/v separate, and fused with the LoRAs on spans of the fused
+layers, as Forge stores Flux), the JSON line has what the README quotes, and a wrong path makes the run fail.
 Timings are not checked: they are the benchmark's business, not a test's."""
 
 from __future__ import annotations
@@ -43,24 +44,36 @@ def load_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
+#: The cases of a model whose latent is no image (Flux's packed tokens): no window, no Spatial.
+TOKEN_CASES = CASES - {"window", "spatial"}
+MODELS = ("tiny", "tiny-xl", "tiny-flux", "tiny-flux-fused")
+
+
 def test_tiny_run_equals_references() -> None:
-    argv = [sys.executable, str(SCRIPT), "--model", "tiny,tiny-xl", "--n", "2,3", "--repeats", "1"]
+    argv = [sys.executable, str(SCRIPT), "--model", ",".join(MODELS), "--n", "2,3", "--repeats", "1"]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
-    assert summary.keys() >= {"device", "dtype", "rank", "rows", "timer", "memory", "results"}
+    assert summary.keys() >= {"device", "dtype", "rank", "timer", "memory", "results"}
     assert summary["dtype"] == "fp32"
-    assert [(r["model"], r["n"]) for r in summary["results"]] == [(m, n) for m in ("tiny", "tiny-xl") for n in (2, 3)]
+    assert [(r["model"], r["n"]) for r in summary["results"]] == [(m, n) for m in MODELS for n in (2, 3)]
     for result in summary["results"]:
+        flux = result["model"].startswith("tiny-flux")
+        cases, ratios = (
+            (TOKEN_CASES, RATIOS - {"window_over_merge", "spatial_over_n1_merge"}) if flux else (CASES, RATIOS)
+        )
         assert result["ok"] is True
         assert result["tolerance"] == 1e-4
-        assert result["max_rel_err"].keys() == CHECKS
+        assert result["max_rel_err"].keys() == CHECKS & (cases | {"batched_vs_seq"})
         assert all(err <= 1e-4 for err in result["max_rel_err"].values()), result
         assert result["separation"] > 5e-4, "LoRAs too weak: a wrong path would pass too"
-        assert result["median_ms"].keys() == result["peak_extra_mib"].keys() == CASES
-        assert result.keys() >= RATIOS
-        assert all(result[key] > 0 for key in RATIOS)
+        assert result["median_ms"].keys() == result["peak_extra_mib"].keys() == result["engine_mib"].keys() == cases
+        assert result.keys() >= ratios
+        assert all(result[key] > 0 for key in ratios)
+        assert {f"{case}_peak_over_merge_plus_factors" for case in cases - {"merge"}} <= result.keys()
+        assert result["sliced_layers"] == (3 if result["model"] == "tiny-flux-fused" else 0)
+        assert result["rows"] == (1 if flux else 2)
 
 
 def test_a_wrong_path_fails_the_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

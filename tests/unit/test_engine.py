@@ -402,18 +402,26 @@ def test_complements_on_merged_weights_run_each_lora_alone(n: int) -> None:
         torch.testing.assert_close(batched[2 * k : 2 * k + 2], expected, atol=1e-4, rtol=1e-4)
 
 
-def test_complement_is_minus_the_others_concatenated_along_the_rank() -> None:
+def test_complements_are_views_of_one_stack_of_every_lora() -> None:
+    """One copy of the factors per layer whatever N: each complement is the others' rank columns of one negated stack
+    (fp16 and fp32 factors promote), and their cast copies are shared too."""
     a, b, c = lora_linear_rank(6, 5, 2, 0.5), lora_linear_rank(6, 5, 3, 2.0), lora_linear_rank(6, 5, 4, -1.0)
     c.down, c.up = c.down.half(), c.up.half()
     comp = complements({0: a, 1: b, 2: c}, 3)
-    assert comp[1].down.shape == (6, 6) and comp[1].up.shape == (5, 6) and comp[1].scale == -1.0
-    assert comp[1].down.dtype == torch.float32  # fp16 and fp32 factors promote
+    assert comp[1].down.shape == (9, 6) and comp[1].up.shape == (5, 9) and comp[1].scale == 1.0
+    assert [comp[k].ranks for k in range(3)] == [((2, 9),), ((0, 2), (5, 9)), ((0, 5),)]
+    assert comp[1].down.dtype == torch.float32
+    assert all(comp[k].down is comp[0].down and comp[k]._cache is comp[0]._cache for k in range(3))
     lin = nn.Linear(6, 5)
     x = torch.randn(4, 6)
     torch.testing.assert_close(comp[1](lin, x), -(a(lin, x) + c(lin, x).float()), atol=1e-3, rtol=1e-3)
-    assert complements({0: a}, 3).keys() == {1, 2}  # only LoRA 0 touches the layer: LoRA 0 alone needs nothing
-    alone = complements({0: a, 1: b}, 2)[0]  # one other LoRA: its own factors, not a copy
-    assert alone.down is b.down and alone.up is b.up and alone.scale == -b.scale
+    torch.testing.assert_close(comp[0](lin, x), -(b(lin, x) + c(lin, x).float()), atol=1e-3, rtol=1e-3)
+    assert len(comp[0]._cache) == 1  # the views' calls made one cast copy
+    alone = complements({0: a}, 3)
+    assert alone.keys() == {1, 2}  # only LoRA 0 touches the layer: LoRA 0 alone needs nothing
+    assert alone[1].down is a.down and alone[1].up is a.up and alone[1].scale == -a.scale  # one LoRA: no copy
+    base = complements({0: a, 1: b}, 2, base=True)[2]  # Spatial's base: minus both
+    torch.testing.assert_close(base(lin, x), -(a(lin, x) + b(lin, x)), atol=1e-4, rtol=1e-4)
 
 
 class OwnLinear(nn.Module):
