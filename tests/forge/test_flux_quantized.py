@@ -91,9 +91,9 @@ def assert_loha_refused(forge: WebuiClient, where: str) -> None:
 
 @pytest.mark.usefixtures("no_tracebacks")
 def test_gguf_q8_0_online_and_merged(forge: WebuiClient) -> None:
-    """Q8_0: online, the methods match Forge's online generation in both LoRA layouts and a LoHa is refused; merged (Forge requantizes
-    the weights with the LoRAs), they still match it, and the requantized weights are put back as Forge's own merge
-    leaves them."""
+    """Q8_0: online, the methods match Forge's online generation in both LoRA layouts and a LoHa is refused; merged
+    (Forge requantizes the weights with the LoRAs), they still match it, and the requantized weights are put back as
+    Forge's own merge leaves them."""
     mark = forge.log_mark()
     with unet_storage(forge, ONLINE):
         reference = online_reference(forge)
