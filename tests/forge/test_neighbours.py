@@ -10,6 +10,7 @@ noise floor is measured under each neighbour."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -108,7 +109,7 @@ def controlnet(forge_dir: Path, forge_server: ForgeServer, forge: WebuiClient) -
     command = [forge_python(), str(HERE / "tiny_controlnet.py"), str(folder), "--forge", str(forge_dir)]
     done = subprocess.run(command, cwd=forge_dir, env=server_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    stem = Path(done.stdout.strip().splitlines()[-1]).stem
+    stem = Path(json.loads(done.stdout.strip().splitlines()[-1])["path"]).stem
     names = forge.post("/multilora-probe/controlnet-refresh")["model_list"]
     return next(name for name in names if name.split(" [")[0] == stem)
 

@@ -15,20 +15,19 @@ zero: a real ControlNet starts with zero convolutions, and with those it would l
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_model import UNET_CONFIG, HostModels, meta_shapes, random_tensor
+from tiny_model import UNET_CONFIG, HostModels, builder_cli, meta_shapes, random_tensor
 
 NAME = "tiny-cn-sd15"
 HINT_CHANNELS = 3
 
 
-def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> Path:
-    """Write the ControlNet under ``out_dir``; return its path."""
+def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, str]:
+    """Write the ControlNet under ``out_dir``; return its path (``{"path": ...}``)."""
     import torch
     from safetensors.torch import save_file
 
@@ -41,17 +40,8 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{NAME}.safetensors"
     save_file(state, str(path))
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--forge", type=Path, required=True, help="the Forge (or reForge) checkout")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(build(args.out_dir.resolve(), args.forge.resolve(), args.seed))
+    return {"path": str(path)}
 
 
 if __name__ == "__main__":
-    main()
+    builder_cli(__doc__, build)

@@ -44,7 +44,6 @@ LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -359,14 +358,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
     return manifest
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--forge", type=Path, required=True, help="the Forge checkout")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(json.dumps(build(args.out_dir.resolve(), args.forge.resolve(), args.seed)))
-
-
 if __name__ == "__main__":
-    main()
+    from tiny_model import builder_cli
+
+    builder_cli(__doc__, build)

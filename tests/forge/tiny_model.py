@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -422,15 +423,19 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False) -> 
     return manifest
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def builder_cli(doc: str, build: Callable[..., Any], **flags: str) -> None:
+    """The command line every test-model builder of this tier takes, ``OUT_DIR --forge FORGE_DIR [--seed N]`` and
+    its own switches (``flags``: name -> help), and what it prints: ``build``'s result as one JSON line."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--forge", type=Path, required=True, help="the Forge (or reForge) checkout")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sdxl", action="store_true", help="the SDXL model and its LoRAs instead of SD1.5's")
-    args = parser.parse_args()
-    print(json.dumps(build(args.out_dir.resolve(), args.forge.resolve(), args.seed, args.sdxl)))
+    for name, text in flags.items():
+        parser.add_argument(f"--{name}", action="store_true", help=text)
+    args = vars(parser.parse_args())
+    out_dir, forge = args.pop("out_dir").resolve(), args.pop("forge").resolve()
+    print(json.dumps(build(out_dir, forge, **args)))
 
 
 if __name__ == "__main__":
-    main()
+    builder_cli(__doc__, build, sdxl="the SDXL model and its LoRAs instead of SD1.5's")
