@@ -31,13 +31,15 @@ import torch
 from torch import nn
 
 from .. import generation
-from ..engine import Delta, DenseDelta, HookEngine, LowRankDelta, is_linear, low_rank_sum
+from ..engine import Delta, DenseDelta, HookEngine, LowRank, LowRankDelta, is_linear, low_rank_sum
 from ..generation import Plan, Resolved, report_unscheduled
 from ..inner import MethodInner
 from ..spatial import Spatial, chunk_cond_rows
 
 #: Patch entries of one parameter: the backend's own tuples ``(strength, patch, strength_model, offset, function)``.
 Entries = list[Any]
+#: One LoRA's patches of one layer: ``{attribute: (key, entries)}`` (its weight's, its bias's).
+Patches = dict[str, tuple[str, Entries]]
 #: UNet storage dtypes that keep a merged plain LoRA exact enough for a hook to subtract it again.
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 #: The parameters of a layer that a delta can change (:class:`DenseDelta`'s ops).
@@ -150,44 +152,61 @@ class PatcherHost:
         foreign = sorted({type(module).__name__ for module in layers if not applicable(module)})
         if foreign:
             return f"the composed LoRAs patch {', '.join(foreign)} layers, which the hooks cannot apply"
+        opaque = self.opaque_weights(patcher)
+        if opaque:  # the hooks may only add deltas that never read the weights
+            dense = sorted(
+                {
+                    k
+                    for module, per_lora in self.layer_patches(p, patcher, composed).items()
+                    for k, per_parameter in per_lora.items()
+                    if self.low_rank(module, per_parameter) is None
+                }
+            )
+            if dense:
+                names = ", ".join(generation.prompt_name(composed[k]) for k in dense)
+                return f"{names}: only plain LoRAs can be composed on UNet weights {opaque} (other types read them)"
         return None
 
-    def plan(self, p: Any, resolved: Resolved) -> Plan | str:
-        """The pass's per-layer deltas (:meth:`collect_deltas`), for a pass :meth:`refusal` lets through; or why not,
-        when a composed LoRA's delta would have to be computed from weights it cannot read (:meth:`opaque_weights`)."""
+    def plan(self, p: Any, resolved: Resolved) -> Plan:
+        """The pass's per-layer deltas (:meth:`collect_deltas`), for a pass :meth:`refusal` lets through."""
         patcher = p.sd_model.forge_objects.unet
-        composed = resolved.composed
-        deltas = self.collect_deltas(p, patcher, composed)
-        opaque = self.opaque_weights(patcher)
-        dense = sorted({k for per_layer in deltas.values() for k, d in per_layer.items() if isinstance(d, DenseDelta)})
-        if opaque and dense:
-            names = ", ".join(generation.prompt_name(composed[k]) for k in dense)
-            return f"{names}: only plain LoRAs can be composed on UNet weights {opaque} (other types read the weights)"
+        deltas = self.collect_deltas(p, patcher, resolved.composed)
         return Plan(deltas, exact_merge=self.storage_dtype(patcher) in FLOAT_STORAGE)
 
-    def collect_deltas(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Delta]]:
-        """Per UNet layer, each composed LoRA's delta (LoRA k = index k), from all of its patches: a layer's weight
-        and bias patches make one delta (LyCORIS norm and full patch both)."""
-        per_layer: dict[nn.Module, dict[int, dict[str, tuple[str, Entries]]]] = {}
+    def layer_patches(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Patches]]:
+        """Per UNet layer, each composed LoRA's patches of it (LoRA k = index k), per parameter."""
+        per_layer: dict[nn.Module, dict[int, Patches]] = {}
         for k, net in enumerate(composed):
             for key, entries in self.entries(p, patcher, [net]).items():
                 path, attribute = key.rsplit(".", 1)
                 module = patcher.model.get_submodule(path)
                 per_parameter = per_layer.setdefault(module, {}).setdefault(k, {})
                 per_parameter.setdefault(attribute, (key, []))[1].extend(entries)
+        return per_layer
+
+    def collect_deltas(self, p: Any, patcher: Any, composed: list[Any]) -> dict[nn.Module, dict[int, Delta]]:
+        """Per UNet layer, each composed LoRA's delta (LoRA k = index k), from all of its patches: a layer's weight
+        and bias patches make one delta (LyCORIS norm and full patch both)."""
         return {
             module: {k: self.make_delta(module, per_parameter) for k, per_parameter in per_lora.items()}
-            for module, per_lora in per_layer.items()
+            for module, per_lora in self.layer_patches(p, patcher, composed).items()
         }
 
-    def make_delta(self, module: nn.Module, per_parameter: dict[str, tuple[str, Entries]]) -> Delta:
-        """The low-rank path when the layer's weight alone is patched, by plain LoRAs that simply add up; else the
-        delta the backend's own merge makes of each patched parameter (``{attribute: (key, entries)}``), computed on
-        the parameters the layer runs with in this pass."""
-        if set(per_parameter) == {"weight"}:
-            low_rank = [self.plain_low_rank(entry, module.weight) for entry in per_parameter["weight"][1]]
-            if all(d is not None for d in low_rank):
-                return low_rank_sum(low_rank)
+    def low_rank(self, module: nn.Module, per_parameter: Patches) -> LowRank | None:
+        """The low-rank delta of a layer whose weight alone is patched, by plain LoRAs that simply add up; None for
+        any other patches."""
+        if set(per_parameter) != {"weight"}:
+            return None
+        parts = [self.plain_low_rank(entry, module.weight) for entry in per_parameter["weight"][1]]
+        return low_rank_sum(parts) if all(d is not None for d in parts) else None
+
+    def make_delta(self, module: nn.Module, per_parameter: Patches) -> Delta:
+        """The low-rank path (:meth:`low_rank`) where it applies; else the delta the backend's own merge makes of
+        each patched parameter (``{attribute: (key, entries)}``), computed on the parameters the layer runs with in
+        this pass."""
+        low_rank = self.low_rank(module, per_parameter)
+        if low_rank is not None:
+            return low_rank
 
         def compute(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             deltas = {}

@@ -82,9 +82,10 @@ def assert_methods_match(forge: WebuiClient, reference: np.ndarray, prompts: dic
 
 
 def assert_loha_refused(forge: WebuiClient, where: str) -> None:
-    """A LoHa among the composed LoRAs is refused, named, and the image is plain."""
+    """A LoHa among the composed LoRAs is refused, named, and the image is plain (the text-encoder policy on: the
+    refusal comes before it, so the text encoder is left whole too)."""
     plain = gen(forge, WITH_LOHA)
-    refused = gen(forge, WITH_LOHA, **multilora("Switch", tau=1))
+    refused = gen(forge, WITH_LOHA, **ml(method="Switch", tau=1, text_encoder="None"))
     assert f"mfLoha: only plain LoRAs can be composed on UNet weights {where}" in refused.infotext, refused.infotext
     assert max_diff(plain.image, refused.image) == 0 and "Multi-LoRA method" not in refused.infotext
 
