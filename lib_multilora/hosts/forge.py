@@ -54,10 +54,10 @@ class ForgeHost(PatcherHost):
     """Forge's ``backend/`` patchers."""
 
     merges_each_mention = False
-    #: Forge's Flux engine (``backend/diffusion_engine/flux.py``: FLUX.1-dev and -schnell) and Chroma (``chroma.py``,
-    #: Flux's blocks without its modulation layers), DiTs whose LoRAs are patches of their transformer's linears like
-    #: any UNet's; SD3 (``sd35.py``) is not tested.
-    covered_models = ("Flux", "Chroma")
+    #: Forge's Flux engine (``backend/diffusion_engine/flux.py``: FLUX.1-dev and -schnell), Chroma (``chroma.py``,
+    #: Flux's blocks without its modulation layers) and SD3/SD3.5 (``sd35.py``, an MMDiT): DiTs whose LoRAs are
+    #: patches of their transformer's linears like any UNet's.
+    covered_models = ("Flux", "Chroma", "StableDiffusion3")
 
     def backend_refusal(self, p: Any, patcher: Any) -> str | None:
         """bitsandbytes' nf4/fp4 weights (CUDA only: not tested). Quantized and fp8 weights are composed as fp8 ones

@@ -30,9 +30,10 @@ def prompts(a: str, b: str) -> dict[str, str]:
     }
 
 
-#: Flux's two LoRA layouts' prompts (kohya's and diffusers') and Chroma's.
+#: Flux's two LoRA layouts' prompts (kohya's and diffusers'), Chroma's and SD3.5's.
 LAYOUTS = {"kohya": prompts("mfA", "mfB"), "diffusers": prompts("mfdA", "mfdB")}
 CHROMA = prompts("mcA", "mcB")
+SD35 = prompts("msA", "msB")
 KOHYA = LAYOUTS["kohya"]
 LAYOUT_IDS = list(LAYOUTS)
 

@@ -1,11 +1,12 @@
 """LoRA Switch and LoRA Composite on Flux inside a real Forge: FLUX.1-dev's layout (distilled guidance) and
 FLUX.1-schnell's, with LoRAs in kohya's layout (1:1 patches) and in diffusers'/ai-toolkit's (q, k and v as slices of
-the fused projections: Forge's offset patches); and on Chroma, Flux's derivative.
+the fused projections: Forge's offset patches); on Chroma, Flux's derivative; and on SD3.5 (``test_sd35``).
 
 The session's Forge is switched to the tiny Flux checkpoints (``tiny_dit.py``) for this module and back to the SD1
 one after it, even on failure. Forge's own detection would take them for FLUX.1 at full size: the tier's probe
 carries the one test-only patch of the host, which reads Flux's dimensions from the file
 (``multilora_forge_probe.py``, "the tier's one test-only patch"); all the rest is Forge's own loader and sampling.
+SD3.5's dimensions Forge reads from the file itself.
 
 64x64, STEPS Euler steps on Forge's "Simple" schedule (the one its UI sets for Flux: the API's "Automatic" gives
 Flux a discrete model's sigmas, up to 9999, and a black image), LoRAs at 0.5; "same image" and the noise floor as in
@@ -25,7 +26,7 @@ import pytest
 from hosts.tier import assert_no_trace, axis_index, snapshot, xyz_args
 from webui.server import SAME, max_diff, mean_diff, trace
 
-from .flux_helpers import CFG3, CHROMA, FLUX, KOHYA, LAYOUT_IDS, LAYOUTS, STEPS, gen, within_floor
+from .flux_helpers import CFG3, CHROMA, FLUX, KOHYA, LAYOUT_IDS, LAYOUTS, SD35, STEPS, gen, within_floor
 from .helpers import (
     DIFFERENT,
     PROMPT,
@@ -37,7 +38,7 @@ from .helpers import (
     multilora,
 )
 from .server import REFORGE, SKIP_REASON, forge_dir_from_env, tracebacks
-from .tiny_dit import CHROMA_NAME, FLUX_NAME, SCHNELL_NAME
+from .tiny_dit import CHROMA_NAME, FLUX_NAME, SCHNELL_NAME, SD35_NAME
 
 if TYPE_CHECKING:
     from webui.server import Result, WebuiClient
@@ -304,3 +305,41 @@ def test_chroma(forge: WebuiClient) -> None:
         gen(forge, CHROMA["AB"], **CFG3, **multilora("Composite"))
         calls = trace(forge)
         assert len(calls) == 2 * STEPS and all(c["diff_vs_mean"] <= 1e-5 and c["spread"] > 1e-3 for c in calls)
+
+
+def test_sd35(forge: WebuiClient) -> None:
+    """SD3.5 (Forge's ``StableDiffusion3``: an MMDiT with q/k RMSNorm, CLIP-L, CLIP-G and T5, real CFG: 3 here),
+    kohya-layout LoRAs on the joint blocks and CLIP-L: Forge takes the file for SD3 with its five parts, Switch with
+    tau >= steps is the first LoRA in the transformer, Composite over one LoRA is it and over two the per-step mean,
+    batched too (with the text-encoder policy), and nothing is left behind."""
+    with checkpoint(forge, SD35_NAME):
+        mark = forge.log_mark()
+        reference = within_floor(forge, SD35["A unet"], SD35["A unet swapped"], **CFG3)
+        log = forge.log_text(mark)
+        assert re.findall(r"'(\w+)': \d+", parts(log)) == [
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+            "ignore",
+        ]
+        assert "Missing:" not in log and "Unexpected:" not in log, log
+        assert forge.get("/multilora-probe/status")["model_type"] == "StableDiffusion3"
+        for name in ("msA", "msB"):
+            assert_loaded(log, name, 17, 48)
+        assert reference.astype(np.float32).std() > 5, "a picture, not a flat one"
+        switch = gen(forge, SD35["AB"], **CFG3, **multilora("Switch", tau=STEPS))
+        assert "running without Multi-LoRA" not in switch.infotext, switch.infotext
+        assert max_diff(reference, switch.image) <= SAME
+        single = within_floor(forge, SD35["A"], SD35["A twice"], **CFG3)
+        assert max_diff(single, gen(forge, SD35["A"], **CFG3, **multilora("Composite")).image) <= SAME
+        composite = gen(forge, SD35["AB"], **CFG3, **multilora("Composite"))
+        calls = trace(forge)
+        assert calls and all(c["diff_vs_mean"] <= 1e-5 and c["spread"] > 1e-3 for c in calls), calls
+        run = lambda: gen(forge, SD35["AB"], **CFG3)  # noqa: E731 - the plain generation, run again by assert_no_trace
+        before = snapshot(forge, run)
+        assert mean_diff(composite.image, before.images[0]) > DIFFERENT, "Composite differs from Merge"
+        gen(forge, SD35["AB"], **CFG3, **ml(method="Composite", execution="Batched", text_encoder="First"))
+        assert all(c["active"] == [0, 1] and c["diff_vs_mean"] <= 1e-4 for c in trace(forge))
+        assert_no_trace(forge, run, before)

@@ -1,6 +1,6 @@
-"""Write the Forge tier's tiny random Flux checkpoints (FLUX.1-dev's layout, with its guidance embedding, and
-FLUX.1-schnell's, without; the dev transformer as GGUF files too; Chroma's) and Flux LoRAs in the two layouts users
-have: kohya's and diffusers'/ai-toolkit's.
+"""Write the Forge tier's tiny random DiT checkpoints (FLUX.1-dev's layout, with its guidance embedding, and
+FLUX.1-schnell's, without; the dev transformer as GGUF files too; Chroma's; SD3.5's) and Flux LoRAs in the two
+layouts users have: kohya's and diffusers'/ai-toolkit's.
 
 Run as a script with the host's python (``server.build_assets`` does, in a subprocess), so that pytest's process never
 imports Forge::
@@ -8,9 +8,10 @@ imports Forge::
     python tests/forge/tiny_dit.py OUT_DIR --forge FORGE_DIR [--seed 0]
 
 It writes ``OUT_DIR/Stable-diffusion/``: ``tiny-flux-dev.safetensors``, ``tiny-flux-schnell.safetensors``,
-``tiny-flux-dev-Q8_0.gguf``, ``tiny-flux-dev-Q6_K.gguf`` and ``tiny-chroma.safetensors``; ``OUT_DIR/modules/`` (the VAE
-and text encoders beside a GGUF), ``OUT_DIR/Lora/<name>.safetensors`` and ``OUT_DIR/manifest.json`` (the files and, per
-LoRA, its layout and how many transformer and text-encoder patch entries Forge makes of it).
+``tiny-flux-dev-Q8_0.gguf``, ``tiny-flux-dev-Q6_K.gguf``, ``tiny-chroma.safetensors`` and ``tiny-sd35.safetensors``;
+``OUT_DIR/modules/`` (the VAE and text encoders beside a GGUF), ``OUT_DIR/Lora/<name>.safetensors`` and
+``OUT_DIR/manifest.json`` (the files and, per LoRA, its layout and how many transformer and text-encoder patch entries
+Forge makes of it).
 
 The shapes come from Forge's own classes built on the meta device: the transformer is Forge's
 ``IntegratedFluxTransformer2DModel`` at hidden 256 (4 heads of 64, ``axes_dim`` [16, 24, 24]: the rotary dims sum to
@@ -23,7 +24,9 @@ whatever the file holds) and T5-XXL at its width 4096 and 24 blocks, its attenti
 embedding alone is 32128 x 4096). The keys are those of a single-file Flux checkpoint: ``model.diffusion_model.``,
 ``vae.``, ``text_encoders.clip_l.transformer.``, ``text_encoders.t5xxl.transformer.``. Chroma's
 (``tiny-chroma``) has the same blocks, VAE and T5 and no CLIP-L; its modulation network is Forge's fixed one
-(5120 wide, 5 layers: ``GuessChroma``) with narrow inner layers. Every tensor is seeded random
+(5120 wide, 5 layers: ``GuessChroma``) with narrow inner layers. SD3.5's (``tiny-sd35``, :data:`SD35_CONFIG`): an
+MMDiT 2 joint blocks deep (Forge reads every dimension from the file: no patch), SD3's VAE, CLIP-L and CLIP-G (its
+attention full width, 32 layers: 0.4 GB of the 1.2 GB file) and the same T5. Every tensor is seeded random
 (norm weights and RMSNorm scales around 1) and none is zero; each key's tensor is drawn from a seed of its own, so the
 files share every tensor they have in common.
 
@@ -37,6 +40,8 @@ LoRAs (fp16, rank 4, ``up @ down`` at weight 1 half the base weights' spread, as
   weight).
 - Chroma: ``mcA``, ``mcB`` (kohya, Chroma's block linears and T5's attention: Chroma has no modulation layers nor
   CLIP-L, and Forge skips a file with more than 12 keys it cannot place).
+- SD3.5: ``msA``, ``msB`` (kohya, ``lora_unet_joint_blocks_0_x_block_attn_qkv``: every linear of the joint blocks,
+  and CLIP-L's self-attention).
 - diffusers / ai-toolkit (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, no alpha): q, k and v
   separate (Forge patches slices of the fused ``qkv`` and single-block ``linear1``: offset entries), every other
   linear of the blocks, and CLIP-L's self-attention (``text_encoder.text_model...``). ``mfdA``, ``mfdB``.
@@ -69,6 +74,28 @@ FLUX_CONFIG = {
     "theta": 10000,
     "qkv_bias": True,
 }
+#: SD3.5 Large's layout (Forge's ``StableDiffusion3``, ``sd35.py``: an MMDiT with RMSNorm on q and k), as
+#: ``MMDiTX``'s arguments. Forge reads its depth from the file (hidden = 64 x depth, one head of 64 per block) and
+#: every other dimension too: this model needs no patch of the host. The position embedding covers 16 x 16 patches
+#: (up to 256 px).
+SD35_NAME = "tiny-sd35"
+SD35_CONFIG = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 2,
+    "depth": 2,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "pos_embed_max_size": 16,
+    "num_patches": 256,
+    "qk_norm": "rms",
+    "input_size": None,
+    "pos_embed_scaling_factor": None,
+}
+#: The text encoders in an SD3 single-file checkpoint (``text_encoders.<name>.``) and their folders in Forge's bundled
+#: ``stabilityai/stable-diffusion-3-medium-diffusers``: CLIP-L and CLIP-G with a text projection, and T5-XXL.
+SD35_CLIPS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+SD35_VAE_PREFIX = "first_stage_model."
 #: The dev transformer alone as GGUF files (as city96's Flux GGUFs are), one per quantization: Q8_0 (Forge requantizes
 #: it when it merges a LoRA) and Q6_K, a K-quant (Forge applies LoRAs to it online only). 2-D weights whose rows
 #: fill whole blocks are quantized; the rest (``img_in``, 64 wide) stays F16, vectors F32, as the converters do.
@@ -107,6 +134,8 @@ LORAS = (
     ("mfLoha", "loha", 5),
     ("mcA", "chroma", 6),
     ("mcB", "chroma", 7),
+    ("msA", "sd35", 8),
+    ("msB", "sd35", 9),
 )
 #: A LoRA file key's tensor name after its module's (kohya's, diffusers', LoHa's).
 FACTOR = re.compile(r"\.(lora_(down|up|A|B)\.weight|alpha|hada_w[12]_[ab])$")
@@ -160,13 +189,49 @@ def checkpoint_shapes(forge_dir: Path, chroma: bool = False) -> dict[str, tuple[
     shapes = meta_shapes(tuple(parts))
     for key, shape in shapes.items():
         layer = key.split(".")[-2]
-        if key.startswith(T5_PREFIX) and layer in T5_INNER_AXIS:
-            shapes[key] = narrowed(shape, T5_INNER_AXIS[layer], T5_INNER)
-        elif key.startswith(TRANSFORMER_PREFIX + "distilled_guidance_layer.layers.") and (
+        if key.startswith(TRANSFORMER_PREFIX + "distilled_guidance_layer.layers.") and (
             key.endswith(".weight") or layer == "in_layer"
         ):  # the inner side of each MLP: in_layer's out (weight and bias), out_layer's in
             shapes[key] = narrowed(shape, 0 if layer == "in_layer" else 1, CHROMA_INNER)
-    return {key: shape for key, shape in shapes.items() if not key.endswith("logit_scale")}
+    return t5_narrowed(shapes)
+
+
+def sd35_shapes(forge_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every key of the tiny SD3.5 single-file checkpoint and its shape: the MMDiT (:data:`SD35_CONFIG`), the SD3 VAE
+    (16 latent channels, full size), CLIP-L and CLIP-G at their widths with narrow MLPs (:data:`CLIP_MLP`; their
+    attention must stay full: transformers splits it into the config's heads) and T5 as Flux's."""
+    import torch
+    from tiny_model import IntegratedCLIP, meta_shapes
+    from transformers import CLIPTextConfig
+
+    host = host_modules(forge_dir)
+    from backend.nn.mmditx import MMDiTX
+
+    repo = forge_dir / "backend" / "huggingface" / "stabilityai" / "stable-diffusion-3-medium-diffusers"
+    with torch.device("meta"):
+        parts = [
+            (TRANSFORMER_PREFIX, MMDiTX(**SD35_CONFIG)),
+            (SD35_VAE_PREFIX, host["vae"].from_config(host["vae"].load_config(str(repo / "vae")))),
+        ]
+        for name, folder in SD35_CLIPS.items():
+            config = CLIPTextConfig.from_pretrained(str(repo / folder))
+            config.intermediate_size = CLIP_MLP
+            parts.append((f"text_encoders.{name}.", IntegratedCLIP(config, True)))
+        parts.append((T5_PREFIX[: -len("transformer.")], host["t5"](host["read"](str(repo / "text_encoder_3")))))
+    return t5_narrowed(meta_shapes(tuple(parts)))
+
+
+def t5_narrowed(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with T5's linears :data:`T5_INNER` wide inside and without ``logit_scale`` (the CLIP wrapper's,
+    which the loader ignores)."""
+    out = {}
+    for key, shape in shapes.items():
+        layer = key.split(".")[-2]
+        if key.endswith("logit_scale"):
+            continue
+        inner = key.startswith(T5_PREFIX) and layer in T5_INNER_AXIS
+        out[key] = narrowed(shape, T5_INNER_AXIS[layer], T5_INNER) if inner else shape
+    return out
 
 
 def narrowed(shape: tuple[int, ...], axis: int, width: int) -> tuple[int, ...]:
@@ -207,6 +272,22 @@ def kohya_targets(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[i
             targets.append(("lora_te1_" + module[len(CLIP_L_PREFIX) :].replace(".", "_"), shape, True))
         elif key.startswith(T5_PREFIX) and ".SelfAttention." in key and "relative_attention_bias" not in key:
             targets.append(("lora_te2_" + module[len(T5_PREFIX) :].replace(".", "_"), shape, True))
+    return targets
+
+
+def sd35_targets(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(kohya module name, weight shape, attention?) for an SD3.5 LoRA in kohya's layout, which Forge maps 1:1
+    (``lora_unet_`` + the MMDiT's module path): every linear of the joint blocks; CLIP-L's self-attention
+    (``lora_te1_``)."""
+    targets = []
+    for key, shape in shapes.items():
+        module = key[: -len(".weight")]
+        if not key.endswith(".weight") or len(shape) != 2:
+            continue
+        if key.startswith(TRANSFORMER_PREFIX + "joint_blocks."):
+            targets.append(("lora_unet_" + module[len(TRANSFORMER_PREFIX) :].replace(".", "_"), shape, ".attn." in key))
+        elif key.startswith(CLIP_L_PREFIX) and ".self_attn." in key:
+            targets.append(("lora_te1_" + module[len(CLIP_L_PREFIX) :].replace(".", "_"), shape, True))
     return targets
 
 
@@ -326,18 +407,24 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
     chroma_shapes = checkpoint_shapes(forge_dir, chroma=True)
     checkpoints[CHROMA_NAME] = ckpt_dir / f"{CHROMA_NAME}.safetensors"
     save_file(random_state(chroma_shapes, seed), str(checkpoints[CHROMA_NAME]))
+    sd35 = sd35_shapes(forge_dir)
+    checkpoints[SD35_NAME] = ckpt_dir / f"{SD35_NAME}.safetensors"
+    save_file(random_state(sd35, seed), str(checkpoints[SD35_NAME]))
     lora_dir = out_dir / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     targets = {
         "kohya": kohya_targets(shapes),
         "diffusers": diffusers_targets(shapes),
         "chroma": kohya_targets(chroma_shapes),
+        "sd35": sd35_targets(sd35),
     }
     loras = {}
     for name, layout, offset in LORAS:
         generator = torch.Generator().manual_seed(seed * 1000 + 100 + offset)
         kind = "loha" if layout == "loha" else "lora"
-        tensors = lora_tensors(kind, targets[layout if layout in ("diffusers", "chroma") else "kohya"], generator)
+        tensors = lora_tensors(
+            kind, targets[layout if layout in ("diffusers", "chroma", "sd35") else "kohya"], generator
+        )
         if layout in PARTS:
             tensors = {key: value for key, value in tensors.items() if key.startswith(PARTS[layout])}
         elif layout == "diffusers":

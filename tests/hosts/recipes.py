@@ -60,7 +60,10 @@ RECIPES: dict[str, Recipe] = {
         dir_var="SD_FORGE_DIR",
         python_var="SD_FORGE_PYTHON",
         replace=COMMON_REPLACE,
-        extra=("joblib",),  # else Forge turns its soft-inpainting script off
+        # joblib: else Forge turns its soft-inpainting script off. sentencepiece: the one of Forge's day (2025-06);
+        # from 0.2.1 (2025-08) its protobuf module needs protobuf >= 5 (Forge pins 3.20.0), and SD3's T5 tokenizer,
+        # which transformers converts from the slow one, fails to load ("cannot import name 'runtime_version'")
+        extra=("joblib", "sentencepiece==0.2.0"),
         neighbours=("sd-webui-lora-block-weight-*.tar.gz", ADETAILER),  # its ControlNet is built in
         neighbour_needs=ADETAILER_NEEDS,
     ),
