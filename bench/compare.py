@@ -3,10 +3,10 @@ step window ``end=0.4``) vs Spatial Composite, and the extension enabled with no
 
 Starts two API-only webui servers on the CPU (the test tiers' servers, ``--host a1111|forge|reforge``): one with this
 extension, one without (the "absent" reference). On A1111, an SD1.5-size random model with rank-16 LoRAs (built once
-into the cache dir; ~2 GB; ``--quick``: the A1111 tier's tiny one); on Forge and reForge the Forge tier's tiny model
-and its rank-4 LoRAs (tests/forge/tiny_model.py: SD1.5's widths, one UNet level; an SD1.5-size model for their
-loaders is not built here), whose trace probe stays installed with its recomputes off (its per-call observer reads
-the patcher's patch sets: microseconds). Cases
+into the cache dir; ~2 GB; ``--quick``: the A1111 tier's tiny one); on Forge and reForge the same from the Forge
+tier's builder with the host's own classes (tests/forge/tiny_model.py ``--sd15``; ``--quick``: the tier's tiny model
+and rank-4 LoRAs), the tier's trace probe installed with its recomputes off (its per-call observer reads the
+patcher's patch sets: microseconds). Cases
 run in blocks that keep the prompt's LoRA set fixed (N=2, N=3, then the no-LoRA idle block, so that no case pays for
 the webui re-merging another set; the absent server's warm-up is a LoRA generation too, so that both processes hold the
 built-in's weight backups), interleaved with a rotating order, repeated, all with the same seed. Reported
@@ -34,9 +34,13 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # as tests.hosts.ui puts it: the tiers import as top-level packages
+
+from forge.server import build_assets as build_forge_assets  # noqa: E402
+from forge.tiny_model import RANK as TINY_RANK  # noqa: E402
+from forge.tiny_model import SD15_RANK  # noqa: E402
 
 from tests.hosts.recipes import RECIPES  # noqa: E402
-from tests.hosts.ui import build_assets as build_host_assets  # noqa: E402
 from tests.hosts.ui import host_server  # noqa: E402
 from tests.webui.server import PROBE_EXTENSION, PROBE_LINK_NAME, WebuiClient, WebuiServer  # noqa: E402
 
@@ -80,15 +84,17 @@ def build_assets(cache: Path, quick: bool, rank: int, webui_dir: Path) -> tuple[
     return ckpt, lora_dir, name
 
 
-def forge_assets(cache: Path, host: str, webui_dir: Path) -> tuple[Path, Path, str]:
-    """The Forge tier's tiny model and LoRAs for ``host``, built once into ``cache``."""
-    folder = cache / f"{host}-tiny"
+def forge_assets(cache: Path, host: str, quick: bool, webui_dir: Path) -> tuple[Path, Path, str]:
+    """The Forge tier builder's SD1.5-size model and rank-16 LoRAs (``quick``: the tier's tiny model and rank-4
+    LoRAs) for ``host``, built once into ``cache``."""
+    name = f"{host} tier's tiny-sd15" if quick else f"{host} builder's SD1.5-size random model"
+    folder = cache / (f"{host}-tiny" if quick else f"{host}-sd15")
     manifest = folder / "manifest.json"
     if not manifest.exists():
-        log(f"building the Forge tier's tiny model into {folder} (once)")
-        build_host_assets(host, webui_dir, sys.executable, folder)
+        log(f"building {name} into {folder} (once)")
+        build_forge_assets(webui_dir, folder, python=sys.executable, sd15=not quick)
     paths = json.loads(manifest.read_text())
-    return Path(paths["ckpt"]), Path(paths["lora_dir"]), f"{host} tier's tiny-sd15"
+    return Path(paths["ckpt"]), Path(paths["lora_dir"]), name
 
 
 def start_servers(host: str, webui_dir: Path, ckpt: Path, lora_dir: Path, tmp: Path) -> dict[str, WebuiServer]:
@@ -333,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.host == "a1111":
         ckpt, lora_dir, model = build_assets(args.model_dir, args.quick, args.rank, webui_dir)
     else:
-        ckpt, lora_dir, model = forge_assets(args.model_dir, args.host, webui_dir)
-        args.rank = 4  # the tier's LoRAs
+        ckpt, lora_dir, model = forge_assets(args.model_dir, args.host, args.quick, webui_dir)
+        args.rank = TINY_RANK if args.quick else SD15_RANK  # the builder's LoRAs
     payload = {"width": args.size, "height": args.size, "steps": args.steps, "seed": SEED, "cfg_scale": 7}
     all_blocks = blocks(args.n, args.tau)
     with tempfile.TemporaryDirectory(prefix="multilora-bench-") as tmp:

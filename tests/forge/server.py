@@ -135,8 +135,10 @@ def build_assets(
     python: str | None = None,
     sdxl: bool = False,
     script: str = "tiny_model.py",
+    sd15: bool = False,
 ) -> dict[str, Any]:
-    """Run ``tiny_model.py`` (``--sdxl``: the SDXL model and its LoRAs; ``script``: another builder of this folder
+    """Run ``tiny_model.py`` (``--sdxl``: the SDXL model and its LoRAs; ``--sd15``: the benchmark's full-size SD1.5
+    and its rank-16 LoRAs; ``script``: another builder of this folder
     with the same command line, ``tiny_dit.py``) with the host's python (``python``, default :func:`forge_python`: it
     imports the host's model classes, which the test process must not); return its manifest."""
     log = out_dir / "build.log"
@@ -150,6 +152,7 @@ def build_assets(
         "--seed",
         str(seed),
         *(["--sdxl"] if sdxl else []),
+        *(["--sd15"] if sd15 else []),
     ]
     with open(log, "wb") as fh:
         done = subprocess.run(command, cwd=forge_dir, env=server_env(), stdout=fh, stderr=subprocess.STDOUT)

@@ -83,6 +83,16 @@ UNET_CONFIG = {
     "use_linear_in_transformer": False,
     "adm_in_channels": None,
 }
+#: SD1.5's own UNet (four levels of two res blocks, attention on the first three): the benchmark's model
+#: (``bench/compare.py --host forge|reforge``), never the tests'.
+SD15_UNET_CONFIG = UNET_CONFIG | {
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+#: The benchmark's LoRA rank on the SD1.5-size model (as on A1111's).
+SD15_RANK = 16
 #: The SDXL UNet (see the module docstring): what huggingface_guess's SDXL matches, at 320 channels on every level.
 SDXL_UNET_CONFIG = {
     "in_channels": 4,
@@ -215,7 +225,7 @@ class IntegratedCLIP:
         return module
 
 
-def checkpoint_shapes(webui_dir: Path) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(webui_dir: Path, unet_config: dict[str, Any] = UNET_CONFIG) -> dict[str, tuple[int, ...]]:
     """Every checkpoint key (original ldm layout) and its shape."""
     import torch
     from transformers import CLIPTextModel
@@ -223,7 +233,7 @@ def checkpoint_shapes(webui_dir: Path) -> dict[str, tuple[int, ...]]:
     host = HostModels(webui_dir, sdxl=False)
     with torch.device("meta"):
         parts = (
-            (UNET_PREFIX, host.unet(UNET_CONFIG)),
+            (UNET_PREFIX, host.unet(unet_config)),
             ("first_stage_model.", host.vae()),
             (TE_PREFIX, CLIPTextModel(host.text_config("text_encoder"))),
         )
@@ -326,9 +336,11 @@ def lora_targets(
     return targets
 
 
-def lora_tensors(kind: str, targets: list[tuple[str, tuple[int, ...], bool]], generator: Any) -> dict[str, Any]:
-    """A rank-4 kohya LoRA (``lora_down``/``lora_up``/``alpha``) or LoHa (``hada_w1_a/b``, ``hada_w2_a/b``, on the
-    attention linears only), fp16."""
+def lora_tensors(
+    kind: str, targets: list[tuple[str, tuple[int, ...], bool]], generator: Any, rank: int = RANK
+) -> dict[str, Any]:
+    """A kohya LoRA (``lora_down``/``lora_up``/``alpha``) or LoHa (``hada_w1_a/b``, ``hada_w2_a/b``, on the attention
+    linears only) of rank ``rank``, fp16."""
     import torch
 
     tensors = {}
@@ -339,15 +351,15 @@ def lora_tensors(kind: str, targets: list[tuple[str, tuple[int, ...], bool]], ge
                 continue
             # (w1a @ w1b) * (w2a @ w2b) spreads like a plain LoRA's up @ down: LORA_STRENGTH times the base
             for i in (1, 2):
-                tensors[f"{name}.hada_w{i}_a"] = torch.randn(out_features, RANK, generator=generator) / math.sqrt(RANK)
-                tensors[f"{name}.hada_w{i}_b"] = torch.randn(RANK, in_features, generator=generator) * math.sqrt(
+                tensors[f"{name}.hada_w{i}_a"] = torch.randn(out_features, rank, generator=generator) / math.sqrt(rank)
+                tensors[f"{name}.hada_w{i}_b"] = torch.randn(rank, in_features, generator=generator) * math.sqrt(
                     LORA_STRENGTH / math.sqrt(in_features)
                 )
         else:
-            down = torch.randn(RANK, in_features, *kernel, generator=generator) / math.sqrt(in_features)
-            up = torch.randn(out_features, RANK, *kernel, generator=generator) * (LORA_STRENGTH / math.sqrt(RANK))
+            down = torch.randn(rank, in_features, *kernel, generator=generator) / math.sqrt(in_features)
+            up = torch.randn(out_features, rank, *kernel, generator=generator) * (LORA_STRENGTH / math.sqrt(rank))
             tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
-        tensors[f"{name}.alpha"] = torch.tensor(float(RANK))
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     return {key: value.to(torch.float16).contiguous() for key, value in tensors.items()}
 
 
@@ -375,17 +387,19 @@ def lycoris_tensors(shapes: dict[str, tuple[int, ...]], generator: Any) -> dict[
     return {key: value.to(torch.float16).contiguous() for key, value in tensors.items()}
 
 
-def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False) -> dict[str, Any]:
-    """Write the checkpoint (SD1.5, or SDXL), its LoRAs and ``manifest.json`` under ``out_dir``; return the
-    manifest."""
+def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False, sd15: bool = False) -> dict[str, Any]:
+    """Write the checkpoint (SD1.5 tiny or, with ``sd15``, full size; or SDXL), its LoRAs and ``manifest.json`` under
+    ``out_dir``; return the manifest. The full-size model gets the plain LoRAs only, at :data:`SD15_RANK`."""
     import torch
     from safetensors.torch import save_file
 
+    rank = SD15_RANK if sd15 else RANK
     if sdxl:
         stem, shapes, specs = SDXL_NAME, sdxl_shapes(forge_dir), SDXL_LORAS
         targets = lora_targets(shapes, SDXL_TEXT_ENCODERS, SDXL_TE_LINEARS)
     else:
-        stem, shapes, specs = CHECKPOINT_NAME, checkpoint_shapes(forge_dir), LORAS
+        unet_config, specs = (SD15_UNET_CONFIG, LORAS[:3]) if sd15 else (UNET_CONFIG, LORAS)
+        stem, shapes = CHECKPOINT_NAME, checkpoint_shapes(forge_dir, unet_config)
         targets = lora_targets(shapes, TEXT_ENCODERS)
     generator = torch.Generator().manual_seed(seed)
     state = {key: random_tensor(key, shape, generator).to(torch.float16) for key, shape in shapes.items()}
@@ -400,12 +414,12 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0, sdxl: bool = False) -> 
         if kind == "full":
             tensors = lycoris_tensors(shapes, generator)
         elif kind in PARTS:
-            whole = lora_tensors("lora", targets, generator)
+            whole = lora_tensors("lora", targets, generator, rank)
             tensors = {key: value for key, value in whole.items() if key.startswith(PARTS[kind])}
         else:
-            tensors = lora_tensors(kind, targets, generator)
+            tensors = lora_tensors(kind, targets, generator, rank)
         path = lora_dir / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata={"ss_network_dim": str(RANK), "ss_network_alpha": str(RANK)})
+        save_file(tensors, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
         patched = {
             (key.partition(".")[0], parameter)
             for key in tensors
@@ -438,4 +452,9 @@ def builder_cli(doc: str, build: Callable[..., Any], **flags: str) -> None:
 
 
 if __name__ == "__main__":
-    builder_cli(__doc__, build, sdxl="the SDXL model and its LoRAs instead of SD1.5's")
+    builder_cli(
+        __doc__,
+        build,
+        sdxl="the SDXL model and its LoRAs instead of SD1.5's",
+        sd15="SD1.5's full-size UNet and rank-16 LoRAs (the benchmark's model) instead of the tiny one",
+    )
