@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -37,6 +37,8 @@ WARNING_LABEL = "Multi-LoRA warning"
 #: The webui's model-type flags (``sd_models.set_model_type``, Forge's loaders) of the UNet architectures the engine
 #: covers on every host; a host names the other model types it covers (``Host.covered_models``).
 SUPPORTED_MODEL_FLAGS = ("is_sd1", "is_sd2", "is_sdxl")
+#: A host that covers no other model type (``Host.covered_models``).
+NOTHING_COVERED: Mapping[str, str] = types.MappingProxyType({})
 
 
 @dataclass
@@ -71,8 +73,9 @@ class Host(Protocol):
     #: A LoRA written twice in the prompt is merged twice (A1111, reForge), not once (Forge).
     merges_each_mention: bool
     #: The class names of the webui's model objects, besides SD1, SD2 and SDXL (:data:`SUPPORTED_MODEL_FLAGS`), whose
-    #: LoRA layers the host's glue covers exactly (Forge: ``Flux``); the user sees these names.
-    covered_models: tuple[str, ...]
+    #: LoRA layers the host's glue covers exactly, each with the name users know it by (Forge: ``StableDiffusion3``:
+    #: ``SD3``), which a refusal lists.
+    covered_models: Mapping[str, str]
 
     def loaded_networks(self) -> list[Any]: ...
 
@@ -300,14 +303,14 @@ def refusal(p: Any, host: Host, resolved: Resolved) -> str | None:
     )
 
 
-def unsupported_model(model: Any, covered: tuple[str, ...] = ()) -> str | None:
-    """SD1, SD2 and SDXL UNets, and the host's ``covered`` model types (by class name), pass; any other architecture
-    has LoRA layers the host may apply in ways the engine does not follow (SD3's joint q/k/v projections on A1111),
-    which would be neither switched nor taken out: it is refused by name."""
+def unsupported_model(model: Any, covered: Mapping[str, str] = NOTHING_COVERED) -> str | None:
+    """SD1, SD2 and SDXL UNets, and the host's ``covered`` model types (class name: the name users know), pass; any
+    other architecture has LoRA layers the host may apply in ways the engine does not follow (SD3's joint q/k/v
+    projections on A1111), which would be neither switched nor taken out: it is refused by name."""
     if any(getattr(model, flag, False) for flag in SUPPORTED_MODEL_FLAGS) or type(model).__name__ in covered:
         return None
     kind = "SD3" if getattr(model, "is_sd3", False) else type(model).__name__
-    names = ["SD1", "SD2", "SDXL", *covered]
+    names = ["SD1", "SD2", "SDXL", *covered.values()]
     return f"{kind} models are not supported ({', '.join(names[:-1])} and {names[-1]} are)"
 
 

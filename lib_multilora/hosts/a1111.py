@@ -34,7 +34,7 @@ UNET_PREFIX = "diffusion_model"
 #: The webui merges a LoRA once per mention in the prompt.
 merges_each_mention = True
 #: SD1, SD2 and SDXL only (``generation.SUPPORTED_MODEL_FLAGS``).
-covered_models: tuple[str, ...] = ()
+covered_models = generation.NOTHING_COVERED
 
 
 def builtin_networks() -> Any:

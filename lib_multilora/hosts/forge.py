@@ -11,6 +11,7 @@ set of patch keys changed (``backend/patcher/lora.py``).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ class ForgeHost(PatcherHost):
     #: Forge's Flux engine (``backend/diffusion_engine/flux.py``: FLUX.1-dev and -schnell), Chroma (``chroma.py``,
     #: Flux's blocks without its modulation layers) and SD3/SD3.5 (``sd35.py``, an MMDiT): DiTs whose LoRAs are
     #: patches of their transformer's linears like any UNet's.
-    covered_models = ("Flux", "Chroma", "StableDiffusion3")
+    covered_models = MappingProxyType({"Flux": "Flux", "Chroma": "Chroma", "StableDiffusion3": "SD3"})
 
     def backend_refusal(self, p: Any, patcher: Any) -> str | None:
         """bitsandbytes' nf4/fp4 weights (CUDA only: not tested). Quantized and fp8 weights are composed as fp8 ones

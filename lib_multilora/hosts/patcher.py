@@ -22,7 +22,7 @@ reads as low-rank factors, how its merge computes a delta, and how to merge a pa
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import generation
 from ..engine import Delta, DenseDelta, HookEngine, LowRank, LowRankDelta, is_linear, low_rank_sum
-from ..generation import Plan, Resolved, report_unscheduled
+from ..generation import NOTHING_COVERED, Plan, Resolved, report_unscheduled
 from ..inner import MethodInner
 from ..spatial import Spatial, chunk_cond_rows
 
@@ -80,7 +80,7 @@ class PatcherHost:
     #: A LoRA written twice in the prompt: reForge patches it twice, Forge once per distinct weight.
     merges_each_mention: bool = False
     #: Model types besides SD1/SD2/SDXL whose LoRA patches this backend's pass covers (``generation.Host``).
-    covered_models: tuple[str, ...] = ()
+    covered_models: Mapping[str, str] = NOTHING_COVERED
 
     # --- what each backend answers -------------------------------------------------------------------------------
 

@@ -183,9 +183,11 @@ def test_img2img_schedules_on_the_steps_actually_run_and_leaves_no_trace(forge: 
 
 @pytest.fixture
 def unsupported_model(forge: WebuiClient) -> Iterator[None]:
-    """Forge's model presented as SD3, which Multi-LoRA does not cover (the probe flips its flags), put back
-    afterwards."""
-    previous = forge.post("/multilora-probe/model-flags", {"is_sd1": False, "is_sd3": True})
+    """The host's model presented as one Multi-LoRA does not cover there (the probe flips its flags), put back
+    afterwards: on reForge SD3; on Forge, which covers each of its engines (its SD3 by class: test_flux.test_sd35),
+    a model of Forge's SD1 class without the SD1 flag, as a new engine type would come."""
+    flags = {"is_sd1": False, "is_sd3": True} if REFORGE else {"is_sd1": False}
+    previous = forge.post("/multilora-probe/model-flags", flags)
     try:
         yield
     finally:
@@ -216,8 +218,12 @@ def test_unsupported_model_type_is_refused(forge: WebuiClient) -> None:
     plain = gen(forge, AB)
     result = gen(forge, AB, **ml(method="Composite", text_encoder="None"))
     assert max_diff(plain.image, result.image) == 0
-    covered = "SD1, SD2 and SDXL" if REFORGE else "SD1, SD2, SDXL, Flux and Chroma"
-    assert f"SD3 models are not supported ({covered} are)" in result.infotext, result.infotext
+    said = (
+        "SD3 models are not supported (SD1, SD2 and SDXL are)"
+        if REFORGE
+        else "StableDiffusion models are not supported (SD1, SD2, SDXL, Flux, Chroma and SD3 are)"
+    )
+    assert said in result.infotext, result.infotext
     assert "Multi-LoRA method" not in result.infotext and trace(forge) == []
 
 

@@ -5,7 +5,7 @@ instead of cleaning up the original. Shown against the real webui's X/Y/Z cells 
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 import torch
@@ -87,7 +87,7 @@ class RecordingHost:
     """A :class:`generation.Host` that records what the pass sequence asks of it."""
 
     merges_each_mention = True
-    covered_models = ("Flux",)
+    covered_models = MappingProxyType({"Flux": "Flux"})
 
     def __init__(self, loaded: list[SimpleNamespace] | None = None, refusal: str | None = None) -> None:
         self.loaded, self.refused = loaded or [], refusal
@@ -212,10 +212,12 @@ def test_an_unsupported_architecture_is_refused_by_name() -> None:
 
 def test_a_model_type_the_host_covers_passes_and_others_are_named_with_what_is_covered() -> None:
     Flux, Chroma = type("Flux", (), {}), type("Chroma", (), {})
-    assert generation.unsupported_model(Flux(), ("Flux",)) is None
+    covered = {"Flux": "Flux", "StableDiffusion3": "SD3"}  # class name: the name users know
+    assert generation.unsupported_model(Flux(), covered) is None
+    assert generation.unsupported_model(type("StableDiffusion3", (), {"is_sd3": True})(), covered) is None
     assert generation.unsupported_model(SimpleNamespace(is_sdxl=True)) is None
-    said = generation.unsupported_model(Chroma(), ("Flux",))
-    assert said == "Chroma models are not supported (SD1, SD2, SDXL and Flux are)"
+    said = generation.unsupported_model(Chroma(), covered)
+    assert said == "Chroma models are not supported (SD1, SD2, SDXL, Flux and SD3 are)"
     assert generation.unsupported_model(Flux()) == "Flux models are not supported (SD1, SD2 and SDXL are)"
 
 

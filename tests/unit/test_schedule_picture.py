@@ -39,7 +39,7 @@ class InstallingHost:
 
         return torch.device("cpu")
 
-    covered_models: tuple[str, ...] = ()
+    covered_models = generation.NOTHING_COVERED
 
     def refusal(self, p: Any, resolved: generation.Resolved) -> None:
         return None
