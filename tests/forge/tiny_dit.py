@@ -256,38 +256,25 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Any
     return state
 
 
-def kohya_targets(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(kohya module name, weight shape, attention?) for sd-scripts' Flux LoRA: every linear of the double and single
-    blocks (the double blocks' ``img_attn``/``txt_attn`` ones are attention); CLIP-L's (``lora_te1_``) and T5's
-    (``lora_te2_``) self-attention linears."""
+def kohya_targets(
+    shapes: dict[str, tuple[int, ...]], blocks: tuple[str, ...] = ("double_blocks.", "single_blocks."), t5: bool = True
+) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(kohya module name, weight shape, attention?) for a kohya-layout LoRA, which Forge maps 1:1 (``lora_unet_`` +
+    the transformer's module path): every linear of the transformer's ``blocks`` (Flux's double and single blocks;
+    SD3.5's ``joint_blocks.``), their attention ones marked; CLIP-L's (``lora_te1_``) and, with ``t5`` (sd-scripts'
+    Flux LoRA), T5's (``lora_te2_``) self-attention linears."""
     targets = []
     for key, shape in shapes.items():
         if not key.endswith(".weight") or len(shape) != 2:
             continue
         module = key[: -len(".weight")]
-        if key.startswith(tuple(TRANSFORMER_PREFIX + blocks for blocks in ("double_blocks.", "single_blocks."))):
-            attention = "_attn." in key
+        if key.startswith(tuple(TRANSFORMER_PREFIX + block for block in blocks)):
+            attention = "attn." in key  # Flux's img_attn/txt_attn, SD3's attn
             targets.append(("lora_unet_" + module[len(TRANSFORMER_PREFIX) :].replace(".", "_"), shape, attention))
         elif key.startswith(CLIP_L_PREFIX) and ".self_attn." in key:
             targets.append(("lora_te1_" + module[len(CLIP_L_PREFIX) :].replace(".", "_"), shape, True))
-        elif key.startswith(T5_PREFIX) and ".SelfAttention." in key and "relative_attention_bias" not in key:
+        elif t5 and key.startswith(T5_PREFIX) and ".SelfAttention." in key and "relative_attention_bias" not in key:
             targets.append(("lora_te2_" + module[len(T5_PREFIX) :].replace(".", "_"), shape, True))
-    return targets
-
-
-def sd35_targets(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(kohya module name, weight shape, attention?) for an SD3.5 LoRA in kohya's layout, which Forge maps 1:1
-    (``lora_unet_`` + the MMDiT's module path): every linear of the joint blocks; CLIP-L's self-attention
-    (``lora_te1_``)."""
-    targets = []
-    for key, shape in shapes.items():
-        module = key[: -len(".weight")]
-        if not key.endswith(".weight") or len(shape) != 2:
-            continue
-        if key.startswith(TRANSFORMER_PREFIX + "joint_blocks."):
-            targets.append(("lora_unet_" + module[len(TRANSFORMER_PREFIX) :].replace(".", "_"), shape, ".attn." in key))
-        elif key.startswith(CLIP_L_PREFIX) and ".self_attn." in key:
-            targets.append(("lora_te1_" + module[len(CLIP_L_PREFIX) :].replace(".", "_"), shape, True))
     return targets
 
 
@@ -416,7 +403,7 @@ def build(out_dir: Path, forge_dir: Path, seed: int = 0) -> dict[str, Any]:
         "kohya": kohya_targets(shapes),
         "diffusers": diffusers_targets(shapes),
         "chroma": kohya_targets(chroma_shapes),
-        "sd35": sd35_targets(sd35),
+        "sd35": kohya_targets(sd35, ("joint_blocks.",), t5=False),
     }
     loras = {}
     for name, layout, offset in LORAS:
